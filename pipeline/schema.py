@@ -1,0 +1,164 @@
+"""Wire schema of sensor readings and their validation.
+
+A message on ``<prefix>.readings`` is keyed by ``device_id`` (UTF-8) and its value is JSON, either
+one reading::
+
+    {"device_id": "pump-17", "ts": "2026-11-22T10:00:00.123Z", "values": {"pressure": 1.2, "temp": 41.0}}
+
+or an envelope of several readings of one device (what gateways send; far cheaper per reading)::
+
+    {"device_id": "pump-17", "readings": [{"ts": 1795341600123, "values": {...}}, ...]}
+
+``ts`` is epoch milliseconds (integer) or an ISO-8601 string (``Z`` or an offset; naive means UTC).
+``values`` must hold exactly the model's sensors, each a finite number.
+
+Validation never raises: every reading becomes either a :class:`Reading` or a :class:`Rejection`
+with a machine-readable reason, which the agent sends to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+import msgspec
+
+MAX_MESSAGE_BYTES = 1_048_576
+MAX_DEVICE_ID_LEN = 128
+MAX_READINGS_PER_ENVELOPE = 10_000
+MAX_ABS_VALUE = 1e12
+
+
+class Reason(StrEnum):
+    """Why a reading was dead-lettered (the ``iotad-reason`` header)."""
+
+    OVERSIZED = "oversized"
+    BAD_JSON = "bad_json"
+    BAD_SCHEMA = "bad_schema"
+    BAD_DEVICE_ID = "bad_device_id"
+    KEY_MISMATCH = "key_mismatch"
+    BAD_TIMESTAMP = "bad_timestamp"
+    TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
+    UNKNOWN_SENSORS = "unknown_sensors"
+    NON_FINITE = "non_finite_value"
+    VALUE_OUT_OF_RANGE = "value_out_of_range"
+    LATE = "late"
+
+
+class _Item(msgspec.Struct, forbid_unknown_fields=True):
+    ts: int | str
+    values: dict[str, float]
+
+
+class _Message(msgspec.Struct, forbid_unknown_fields=True):
+    device_id: str
+    ts: int | str | None = None
+    values: dict[str, float] | None = None
+    readings: list[_Item] | None = None
+
+
+_decoder = msgspec.json.Decoder(_Message)
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """A validated reading; ``values`` are in the model's feature order."""
+
+    device_id: str
+    ts_ms: int
+    values: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: Reason
+    detail: str
+    index: int = -1  # position inside an envelope, -1 for a single reading or the whole message
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds a reading must satisfy; ``now_ms`` is supplied by the caller so validation stays pure."""
+
+    sensors: Sequence[str]
+    min_ts_ms: int
+    max_future_skew_ms: int
+
+
+def parse_ts(ts: int | str) -> int:
+    """Epoch milliseconds from an integer or an ISO-8601 string; raises ValueError."""
+    if isinstance(ts, int):
+        return ts
+    dt = datetime.fromisoformat(ts)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return round(dt.timestamp() * 1000)
+
+
+def _check_item(
+    device_id: str, ts: int | str, values: dict[str, float], limits: Limits, now_ms: int, index: int
+) -> Reading | Rejection:
+    try:
+        ts_ms = parse_ts(ts)
+    except (ValueError, OverflowError) as exc:
+        return Rejection(Reason.BAD_TIMESTAMP, f"cannot parse ts {str(ts)[:64]!r}: {exc}", index)
+    if ts_ms < limits.min_ts_ms or ts_ms > now_ms + limits.max_future_skew_ms:
+        return Rejection(
+            Reason.TIMESTAMP_OUT_OF_RANGE,
+            f"ts {ts_ms} outside [{limits.min_ts_ms}, now+{limits.max_future_skew_ms}ms]",
+            index,
+        )
+    if len(values) != len(limits.sensors) or any(s not in values for s in limits.sensors):
+        extra = sorted(set(values) - set(limits.sensors))[:8]
+        missing = sorted(set(limits.sensors) - set(values))
+        return Rejection(Reason.UNKNOWN_SENSORS, f"missing={missing} unexpected={extra}", index)
+    vec = tuple(values[s] for s in limits.sensors)
+    for name, v in zip(limits.sensors, vec, strict=True):
+        if not math.isfinite(v):
+            return Rejection(Reason.NON_FINITE, f"{name}={v}", index)
+        if abs(v) > MAX_ABS_VALUE:
+            return Rejection(Reason.VALUE_OUT_OF_RANGE, f"{name}={v:.3g}", index)
+    return Reading(device_id, ts_ms, vec)
+
+
+def validate(raw: bytes, key: bytes | None, limits: Limits, now_ms: int) -> list[Reading | Rejection]:
+    """Decode one Kafka message into readings and rejections, in message order. Never raises."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        return [Rejection(Reason.OVERSIZED, f"{len(raw)} bytes > {MAX_MESSAGE_BYTES}")]
+    try:
+        msg = _decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        return [Rejection(Reason.BAD_SCHEMA, str(exc)[:200])]
+    except msgspec.DecodeError as exc:
+        return [Rejection(Reason.BAD_JSON, str(exc)[:200])]
+    device_id = msg.device_id
+    if not device_id or len(device_id) > MAX_DEVICE_ID_LEN or not device_id.isprintable():
+        return [Rejection(Reason.BAD_DEVICE_ID, f"device_id {device_id[:64]!r}")]
+    if key is not None and key != device_id.encode():
+        return [Rejection(Reason.KEY_MISMATCH, f"key {key[:64]!r} != device_id {device_id[:64]!r}")]
+    if msg.readings is not None:
+        if msg.ts is not None or msg.values is not None:
+            return [Rejection(Reason.BAD_SCHEMA, "envelope must not also carry ts/values")]
+        if len(msg.readings) > MAX_READINGS_PER_ENVELOPE:
+            return [Rejection(Reason.OVERSIZED, f"{len(msg.readings)} readings in one envelope")]
+        return [
+            _check_item(device_id, item.ts, item.values, limits, now_ms, i)
+            for i, item in enumerate(msg.readings)
+        ]
+    if msg.ts is None or msg.values is None:
+        return [Rejection(Reason.BAD_SCHEMA, "a reading needs ts and values (or an envelope: readings)")]
+    return [_check_item(device_id, msg.ts, msg.values, limits, now_ms, -1)]
+
+
+def encode_reading(device_id: str, ts_ms: int, values: dict[str, float]) -> bytes:
+    """Encode one reading the way producers should (used by the simulator and replay)."""
+    return msgspec.json.encode({"device_id": device_id, "ts": ts_ms, "values": values})
+
+
+def encode_envelope(device_id: str, readings: Sequence[tuple[int, dict[str, float]]]) -> bytes:
+    return msgspec.json.encode(
+        {"device_id": device_id, "readings": [{"ts": ts, "values": v} for ts, v in readings]}
+    )
