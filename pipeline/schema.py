@@ -70,6 +70,7 @@ class Reading:
     device_id: str
     ts_ms: int
     values: tuple[float, ...]
+    index: int = -1  # position inside an envelope, -1 for a single reading
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +122,7 @@ def _check_item(
             return Rejection(Reason.NON_FINITE, f"{name}={v}", index)
         if abs(v) > MAX_ABS_VALUE:
             return Rejection(Reason.VALUE_OUT_OF_RANGE, f"{name}={v:.3g}", index)
-    return Reading(device_id, ts_ms, vec)
+    return Reading(device_id, ts_ms, vec, index)
 
 
 def validate(raw: bytes, key: bytes | None, limits: Limits, now_ms: int) -> list[Reading | Rejection]:
@@ -144,10 +145,7 @@ def validate(raw: bytes, key: bytes | None, limits: Limits, now_ms: int) -> list
             return [Rejection(Reason.BAD_SCHEMA, "envelope must not also carry ts/values")]
         if len(msg.readings) > MAX_READINGS_PER_ENVELOPE:
             return [Rejection(Reason.OVERSIZED, f"{len(msg.readings)} readings in one envelope")]
-        return [
-            _check_item(device_id, item.ts, item.values, limits, now_ms, i)
-            for i, item in enumerate(msg.readings)
-        ]
+        return [_check_item(device_id, item.ts, item.values, limits, now_ms, i) for i, item in enumerate(msg.readings)]
     if msg.ts is None or msg.values is None:
         return [Rejection(Reason.BAD_SCHEMA, "a reading needs ts and values (or an envelope: readings)")]
     return [_check_item(device_id, msg.ts, msg.values, limits, now_ms, -1)]
@@ -159,6 +157,4 @@ def encode_reading(device_id: str, ts_ms: int, values: dict[str, float]) -> byte
 
 
 def encode_envelope(device_id: str, readings: Sequence[tuple[int, dict[str, float]]]) -> bytes:
-    return msgspec.json.encode(
-        {"device_id": device_id, "readings": [{"ts": ts, "values": v} for ts, v in readings]}
-    )
+    return msgspec.json.encode({"device_id": device_id, "readings": [{"ts": ts, "values": v} for ts, v in readings]})

@@ -1,0 +1,52 @@
+"""Prometheus metrics of a worker (names are the contract for dashboards and alert rules)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.messages = Counter("iotad_messages_consumed", "Kafka messages consumed", registry=r)
+        self.readings = Counter("iotad_readings", "Valid readings applied to a device", registry=r)
+        self.scored = Counter("iotad_readings_scored", "Resampled steps scored and written", registry=r)
+        self.anomalies = Counter("iotad_anomalies", "Steps flagged anomalous", registry=r)
+        self.dead_letters = Counter(
+            "iotad_dead_letters", "Messages or readings sent to the dead-letter topic", ["reason"], registry=r
+        )
+        self.late = Counter("iotad_late_readings", "Readings for an already closed bucket", registry=r)
+        self.replayed = Counter(
+            "iotad_replayed_skipped", "Re-consumed messages already applied to state (after a crash)", registry=r
+        )
+        self.imputed = Counter("iotad_imputed_steps", "Gap steps forward-filled", registry=r)
+        self.resets = Counter("iotad_state_resets", "Device states reset after a long gap", registry=r)
+        self.batch_size = Histogram(
+            "iotad_batch_messages",
+            "Messages per micro-batch",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000),
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "iotad_step_seconds",
+            "Batched model step (all waves of a micro-batch)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "iotad_end_to_end_latency_seconds",
+            "Reading timestamp to score written (InfluxDB and scores topic)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sink_writes = Counter("iotad_sink_writes", "Successful sink writes", ["sink"], registry=r)
+        self.sink_errors = Counter("iotad_sink_errors", "Failed sink write attempts", ["sink"], registry=r)
+        self.sink_retries = Counter("iotad_sink_retries", "Sink write retries", ["sink"], registry=r)
+        self.devices = Gauge("iotad_devices_tracked", "Devices with state in this worker", registry=r)
+        self.model_info = Gauge("iotad_model_info", "Model version being served (value 1)", ["version"], registry=r)
+
+    def serve(self, host: str, port: int) -> None:
+        if port:
+            start_http_server(port, addr=host, registry=self.registry)
