@@ -58,7 +58,7 @@ class ManagedServer(abc.ABC):
     name = "server"
 
     def __init__(self, data_dir: Path, *, start_timeout_s: float = 10.0) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).resolve()  # the servers run with another working directory
         self.start_timeout_s = start_timeout_s
         self.log_path = self.data_dir / f"{self.name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
