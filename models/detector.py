@@ -47,7 +47,7 @@ class _Exported(msgspec.Struct, array_like=True):
     version: str
     state: list[bytes]
     forecast: bytes
-    has_forecast: bool
+    age: int
     err_mean: list[float]
     err_var: list[float]
     err_count: int
@@ -77,7 +77,7 @@ class Detector:
         self.capacity = 0
         self.state: list[torch.Tensor] = [torch.zeros(0) for _ in range(self.model.n_state)]
         self.forecast = np.zeros((0, self.n_features), np.float32)
-        self.has_forecast = np.zeros(0, bool)
+        self.age = np.zeros(0, np.int64)  # steps the recurrent state has run since reset
         self.stats = ErrorStats.empty(0, self.n_features)
         self.slots: dict[str, int] = {}
         self._free: list[int] = []
@@ -102,7 +102,7 @@ class Detector:
             else [torch.zeros(cfg.layers, capacity, cfg.hidden, device=self.device) for _ in self.state]
         )
         self.forecast = np.concatenate([self.forecast, np.zeros((extra, self.n_features), np.float32)])
-        self.has_forecast = np.concatenate([self.has_forecast, np.zeros(extra, bool)])
+        self.age = np.concatenate([self.age, np.zeros(extra, np.int64)])
         fresh = ErrorStats.empty(extra, self.n_features)
         self.stats = ErrorStats(
             np.concatenate([self.stats.mean, fresh.mean]),
@@ -135,7 +135,7 @@ class Detector:
         idx = torch.as_tensor(slots, device=self.device)
         for t in self.state:
             t.index_fill_(1, idx, 0.0)
-        self.has_forecast[slots] = False
+        self.age[slots] = 0
         self.stats.reset(slots)
         self.threshold.reset(slots)
 
@@ -149,7 +149,8 @@ class Detector:
         b = len(slots)
         obs = np.ones(b, bool) if observed is None else observed
         xz = self.artifact.normaliser.apply(x)
-        has = self.has_forecast[slots]
+        age = self.age[slots]
+        has = age > 0
         prev = self.forecast[slots]
         err = xz - prev
         sb = score_errors(self.stats, slots, err, self.scoring.warmup_steps)
@@ -157,7 +158,9 @@ class Detector:
         scored = has & obs
         warm = sb.warm & scored
         is_anomaly = warm & (sb.score > thr)
-        learn = scored & (~is_anomaly | self.scoring.learn_from_anomalies)
+        # The first forecasts after a reset come from a cold state; their errors would inflate the
+        # device's error statistics for many half-lives, so they neither learn nor score as ok.
+        learn = scored & (age > self.scoring.burnin_steps) & (~is_anomaly | self.scoring.learn_from_anomalies)
         update_stats(self.stats, slots, err, learn, self.scoring.alpha)
         self.threshold.update(slots, sb.score, learn & warm)
 
@@ -167,7 +170,7 @@ class Detector:
         for t, n in zip(self.state, new, strict=True):
             t.index_copy_(1, idx, n)
         self.forecast[slots] = y.cpu().numpy()
-        self.has_forecast[slots] = True
+        self.age[slots] += 1
 
         forecast = np.where(has[:, None], self.artifact.normaliser.invert(prev), np.nan)
         score = np.where(scored, sb.score, np.nan)
@@ -180,7 +183,7 @@ class Detector:
                 self.version,
                 [t[:, s].cpu().numpy().tobytes() for t in self.state],
                 self.forecast[s].tobytes(),
-                bool(self.has_forecast[s]),
+                int(self.age[s]),
                 self.stats.mean[s].tolist(),
                 self.stats.var[s].tolist(),
                 int(self.stats.count[s]),
@@ -205,7 +208,7 @@ class Detector:
         for t, r in zip(self.state, rows, strict=True):
             t[:, s] = torch.from_numpy(r.reshape(cfg.layers, cfg.hidden).copy()).to(self.device)
         self.forecast[s] = np.frombuffer(e.forecast, np.float32)
-        self.has_forecast[s] = e.has_forecast
+        self.age[s] = e.age
         self.stats.mean[s], self.stats.var[s], self.stats.count[s] = e.err_mean, e.err_var, e.err_count
         self.threshold.restore(s, e.threshold)
         return True

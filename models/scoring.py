@@ -32,6 +32,7 @@ class ScoringConfig:
     warmup_steps: int = 30
     halflife_steps: float = 200.0
     learn_from_anomalies: bool = False
+    burnin_steps: int = 5  # forecasts right after a reset are not learnt from (cold recurrent state)
 
     @property
     def alpha(self) -> float:

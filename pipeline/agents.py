@@ -128,4 +128,10 @@ def register(comp: Components) -> ScoringService:
             log.info("partitions %s revoked: dropping cached device state", sorted(parts))
             comp.processor.forget(parts)
 
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode's signal stubs reject async
+    async def on_assigned(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        assigned: set[TP] = args[0] if args else kwargs.get("assigned", set())
+        topic = comp.readings.get_topic_name()
+        comp.metrics.assigned.set(sum(1 for tp in assigned if tp.topic == topic))
+
     return svc

@@ -22,11 +22,17 @@ from pipeline.settings import Settings
 from pipeline.windowing import WindowConfig
 
 STATE_TABLE = "device-state"
+MAX_FETCH_BYTES = 8 * 1024 * 1024
 
 
 def build_detector(settings: Settings) -> Detector:
     artifact = load_artifact(settings.model_dir, device=resolve_device(settings.device))
-    scoring = ScoringConfig(settings.warmup_steps, settings.error_halflife_steps, settings.learn_from_anomalies)
+    scoring = ScoringConfig(
+        warmup_steps=settings.warmup_steps,
+        halflife_steps=settings.error_halflife_steps,
+        learn_from_anomalies=settings.learn_from_anomalies,
+        burnin_steps=settings.burnin_steps,
+    )
     threshold = make_threshold(
         settings.threshold_method,
         value=settings.threshold,
@@ -70,6 +76,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
         web_enabled=False,
+        # Larger than any message a producer may send, so an oversized reading reaches validation
+        # (and the dead-letter topic, original bytes included) instead of stalling its partition.
+        consumer_max_fetch_size=MAX_FETCH_BYTES,
+        producer_max_request_size=MAX_FETCH_BYTES,
         # Tansu does not implement idempotent/transactional producers; at-least-once + the
         # per-device offset guard give exactly-once state (see ARCHITECTURE.md).
         processing_guarantee="at_least_once",

@@ -45,6 +45,7 @@ class Metrics:
         self.sink_errors = Counter("iotad_sink_errors", "Failed sink write attempts", ["sink"], registry=r)
         self.sink_retries = Counter("iotad_sink_retries", "Sink write retries", ["sink"], registry=r)
         self.devices = Gauge("iotad_devices_tracked", "Devices with state in this worker", registry=r)
+        self.assigned = Gauge("iotad_assigned_partitions", "Readings partitions assigned to this worker", registry=r)
         self.model_info = Gauge("iotad_model_info", "Model version being served (value 1)", ["version"], registry=r)
 
     def serve(self, host: str, port: int) -> None:

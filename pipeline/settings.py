@@ -43,15 +43,16 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device; auto = cuda if present")
     warmup_steps: int = Field(30, description="Steps a device is 'warming_up' before it can be flagged")
     threshold_method: Literal["static", "adaptive"] = Field("static", description="Thresholding method")
-    threshold: float = Field(6.0, description="Static threshold on the normalised score")
+    threshold: float = Field(5.0, description="Static threshold on the normalised score")
     adaptive_quantile: float = Field(0.999, description="Quantile tracked by the adaptive threshold")
     adaptive_margin: float = Field(1.5, description="Adaptive threshold = margin x tracked quantile")
     learn_from_anomalies: bool = Field(False, description="Let flagged steps update the error statistics")
     error_halflife_steps: float = Field(200.0, description="Half-life of the per-device error statistics")
+    burnin_steps: int = Field(5, description="Forecasts right after a (re)start of a device's state not learnt from")
 
     # InfluxDB
     influx_url: str = Field("http://127.0.0.1:8086", description="InfluxDB base URL")
-    influx_version: Literal[1, 2] = Field(1, description="1 = v1 /write API; 2 = v2/v3 API via influxdb-client")
+    influx_version: int = Field(1, ge=1, le=2, description="1 = v1 /write API; 2 = v2/v3 API via influxdb-client")
     influx_database: str = Field("iotad", description="v1 database (v2: bucket)")
     influx_org: str = Field("iotad", description="v2 organisation")
     influx_token: str = Field("", description="v2 token")
