@@ -1,0 +1,77 @@
+"""The ceiling for the Faust worker: the same work in a lean aiokafka loop, no Faust.
+
+consume (getmany) -> the same :class:`~pipeline.processor.Processor` (decode, validate, window, ONE
+batched model step per wave) -> the same InfluxDB sink -> scores produced in one batch per
+micro-batch -> commit. Checkpointing is left out, which makes this an upper bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from connectors.influx import RetryingSink, make_writer
+from pipeline.app import build_detector, build_processor
+from pipeline.processor import Inbound
+from pipeline.records import score_json, score_line
+from pipeline.settings import Settings
+
+
+async def run_lean(settings: Settings, topic: str, expected_scores: int, timeout_s: float = 300.0) -> float:
+    """Consume ``topic`` from the beginning until ``expected_scores`` are written; readings/s."""
+    processor = build_processor(settings, build_detector(settings))
+    sensors = processor.sensors
+    sink = RetryingSink(
+        make_writer(settings.influx_version, settings.influx_url, settings.influx_database, settings.influx_org, "")
+    )
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=f"lean-{topic}-{time.monotonic_ns()}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5)
+    await consumer.start()
+    await producer.start()
+    scored, t0 = 0, None
+    deadline = time.monotonic() + timeout_s
+    try:
+        while scored < expected_scores and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=200, max_records=settings.batch_max)
+            msgs = [
+                Inbound(m.key, m.value or b"", m.topic, m.partition, m.offset) for ms in batches.values() for m in ms
+            ]
+            if not msgs:
+                continue
+            if t0 is None:
+                t0 = time.perf_counter()
+            res = processor.process(msgs, int(time.time() * 1000))
+            if res.scores:
+                await sink.write([score_line(r, sensors, settings.influx_measurement) for r in res.scores])
+                now_ms = int(time.time() * 1000)
+                batch = producer.create_batch()
+                pending = []
+                for r in res.scores:
+                    if (
+                        batch.append(key=r.device_id.encode(), value=score_json(r, sensors, now_ms), timestamp=None)
+                        is None
+                    ):
+                        pending.append(await producer.send_batch(batch, settings.scores_topic, partition=0))
+                        batch = producer.create_batch()
+                        batch.append(key=r.device_id.encode(), value=score_json(r, sensors, now_ms), timestamp=None)
+                pending.append(await producer.send_batch(batch, settings.scores_topic, partition=0))
+                await asyncio.gather(*pending)
+            await consumer.commit()
+            scored += len(res.scores)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        await sink.close()
+    elapsed = time.perf_counter() - (t0 or time.perf_counter())
+    return scored / elapsed if elapsed > 0 else 0.0

@@ -1,0 +1,196 @@
+"""End-to-end throughput of the Faust worker against its ceiling, on the embedded local stack.
+
+For each fleet size N (``iotad bench throughput --devices 100,10000 --json``):
+
+1. ``readings`` grid-aligned readings of N devices (single readings, or envelopes of ``envelope``
+   readings per device) are pre-loaded into a fresh readings topic.
+2. Faust: a real ``iotad worker`` process drains the backlog; readings/s = scores written / time from
+   its first consumed message to its last score (metrics polled every 0.1 s).
+3. Ceiling: bench.lean does the same work (decode, validate, window, batched step, InfluxDB, scores)
+   on the same broker and backlog with aiokafka and no Faust.
+4. Latency: a paced run (one reading per device per second, as many devices as half the Faust rate)
+   measures reading timestamp -> score emitted (after its InfluxDB write), p50/p99.
+5. The batched model step alone (B = min(N, 8192)) vs one call per reading.
+
+The last line of stdout (with ``--json``) is one JSON object: the largest fleet's figures at top level
+and every fleet's under ``runs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from bench.lean import run_lean
+from connectors.kafka_admin import create_topics, make_producer, read_all
+from connectors.simulator import FleetSimulator, run_simulation
+from pipeline.app import build_detector, build_processor
+from pipeline.processor import Inbound
+from pipeline.schema import encode_envelope, encode_reading
+from pipeline.settings import Settings
+from pipeline.stack import PipelineStack
+
+
+def _preload(bootstrap: str, topic: str, n_devices: int, steps: int, envelope: int, step_ms: int) -> int:
+    """Write ``steps`` steps of the fleet, ending now, into ``topic``; returns readings written."""
+    sim = FleetSimulator(n_devices, seed=11, step_ms=step_ms, anomaly_rate=0)
+    sim.align_to(-(-int(time.time() * 1000) // step_ms) * step_ms - steps * step_ms)
+    producer = make_producer(bootstrap, acks=1, linger_ms=20, batch_size=512 * 1024)
+    names = list(sim.sensors)
+    written = 0
+    buffer: list[tuple[int, np.ndarray]] = []
+    for _ in range(steps):
+        buffer.append(sim.step_arrays()[:2])
+        if len(buffer) < envelope:
+            continue
+        for d, dev in enumerate(sim.device_ids):
+            key = dev.encode()
+            if envelope == 1:
+                ts, v = buffer[0]
+                value = encode_reading(dev, ts, dict(zip(names, v[d].tolist(), strict=True)))
+            else:
+                value = encode_envelope(dev, [(ts, dict(zip(names, v[d].tolist(), strict=True))) for ts, v in buffer])
+            producer.send(topic, key=key, value=value)
+        written += len(buffer) * n_devices
+        buffer.clear()
+    producer.flush()
+    producer.close()
+    return written
+
+
+def _drain_rate(stack: PipelineStack, expected: int, timeout_s: float) -> float:
+    worker = stack.procs[0]
+    t0 = None
+    deadline = time.monotonic() + timeout_s
+    scored = 0.0
+    while time.monotonic() < deadline:
+        consumed = worker.metric("iotad_messages_consumed_total")
+        now = time.perf_counter()
+        if t0 is None and consumed > 0:
+            t0 = now
+        scored = worker.metric("iotad_readings_scored_total")
+        if scored >= expected:
+            return scored / (now - (t0 or now) or 1e-9)
+        time.sleep(0.1)
+    raise TimeoutError(f"Faust worker scored {scored} of {expected} in {timeout_s}s")
+
+
+def _latency(stack: PipelineStack, settings: Settings, n_devices: int, seconds: int) -> tuple[float, float]:
+    topic = f"{settings.topic_prefix}.readings"
+    sim = FleetSimulator(n_devices, seed=12, step_ms=settings.step_ms, anomaly_rate=0, device_prefix="lat")
+    producer = make_producer(stack.bootstrap, acks=1, linger_ms=5)
+    stats = run_simulation(producer, topic, sim, steps=seconds, rate_steps_per_s=1000 / settings.step_ms)
+    producer.close()
+    lat = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        recs = read_all(stack.bootstrap, settings.scores_topic, idle_timeout_s=1.0)
+        lat = [
+            x["emitted_at"] - x["ts"]
+            for x in (msgspec.json.decode(r.value or b"{}") for r in recs)
+            if x["device_id"].startswith("lat")
+        ]
+        if len(lat) >= stats.readings_sent:
+            break
+    arr = np.array(lat, dtype=np.float64)
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+def _step_rates(settings: Settings, batch: int) -> tuple[float, float, float]:
+    """Batched step vs one call per reading (readings/s), and checkpoint bytes per device."""
+    det = build_detector(settings)
+    rng = np.random.default_rng(0)
+    slots = np.array([det.slot(f"d{i}") for i in range(batch)])
+    x = rng.normal(size=(batch, det.n_features)) + det.artifact.normaliser.mean
+    det.step(slots, x)
+    reps, t = 0, time.perf_counter()
+    while time.perf_counter() - t < 2.0:
+        det.step(slots, x)
+        reps += 1
+    batched = reps * batch / (time.perf_counter() - t)
+    one, t = 0, time.perf_counter()
+    while time.perf_counter() - t < 2.0:
+        det.step(slots[one % batch : one % batch + 1], x[:1])
+        one += 1
+    single = one / (time.perf_counter() - t)
+    proc = build_processor(settings, det)
+    msgs = [
+        Inbound(
+            f"d{i}".encode(),
+            encode_reading(f"d{i}", 1_795_000_000_000, dict.fromkeys(det.artifact.features, 1.0)),
+            "t",
+            0,
+            i,
+        )
+        for i in range(min(batch, 1000))
+    ]
+    proc.process(msgs, int(time.time() * 1000))
+    blobs = proc.checkpoint(proc.devices)
+    per_device = float(np.mean([len(b) for _, b in blobs.values()]))
+    return batched, single, per_device
+
+
+def bench_fleet(n_devices: int, readings: int, envelope: int, base: Path) -> dict[str, Any]:
+    steps = max(2 * envelope, -(-readings // n_devices) // envelope * envelope)
+    name = f"bench{n_devices}e{envelope}"
+    settings = Settings(
+        topic_prefix=name,
+        app_id=f"{name}-faust",
+        influx_database=name,
+        data_dir=base,
+        partitions=4,
+        warmup_steps=5,
+        step_ms=1000,
+        max_gap_steps=10,
+    )
+    with PipelineStack(settings, workers=0) as stack:
+        settings.kafka_bootstrap, settings.influx_url = stack.bootstrap, stack.influx_url
+        create_topics(stack.bootstrap, {f"{name}-lean.scores": 1})
+        t = time.perf_counter()
+        total = _preload(stack.bootstrap, settings.readings_topic, n_devices, steps, envelope, settings.step_ms)
+        preload_s = time.perf_counter() - t
+        stack.add_worker()
+        faust_rate = _drain_rate(stack, total, timeout_s=600)
+        # The ceiling drains the same backlog with its own consumer group and scores topic.
+        lean_settings = settings.model_copy(update={"topic_prefix": f"{name}-lean"})
+        ceiling = asyncio.run(run_lean(lean_settings, settings.readings_topic, total))
+        lat_devices = max(10, min(n_devices, int(faust_rate * 0.5)))
+        p50, p99 = _latency(stack, settings, lat_devices, seconds=10)
+    batched, single, state_bytes = _step_rates(settings, min(n_devices, 8192))
+    return {
+        "devices": n_devices,
+        "envelope": envelope,
+        "readings": total,
+        "preload_s": round(preload_s, 2),
+        "readings_per_s": round(faust_rate),
+        "ceiling_per_s": round(ceiling),
+        "ratio": round(faust_rate / ceiling, 3) if ceiling else None,
+        "latency_devices": lat_devices,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "step_batch": min(n_devices, 8192),
+        "step_batched_per_s": round(batched),
+        "step_per_reading_per_s": round(single),
+        "state_checkpoint_bytes_per_device": round(state_bytes),
+    }
+
+
+def main(devices: list[int], readings: int, envelope: int, as_json: bool) -> dict[str, Any]:
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="iotad-bench-") as tmp:
+        for n in devices:
+            run = bench_fleet(n, readings, envelope, Path(tmp))
+            print(json.dumps(run), file=sys.stderr, flush=True)
+            runs.append(run)
+    result = {**runs[-1], "runs": runs}
+    if as_json:
+        print(json.dumps(result), flush=True)
+    return result
