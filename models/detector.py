@@ -192,22 +192,29 @@ class Detector:
         )
 
     def restore(self, device_id: str, blob: bytes) -> bool:
-        """Load a device's exported state; returns False (and leaves it fresh) if it belongs to
-        another model version or does not fit this model's shapes."""
+        """Load a device's exported state; returns False and leaves the device fresh if the blob is
+        corrupt, belongs to another model version or does not fit this model's shapes."""
         s = self.slot(device_id)
+        self.reset(np.array([s]))
         try:
             e = _dec.decode(blob)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, ValueError):
             return False
         cfg = self.model.config
-        if e.version != self.version or len(e.state) != len(self.state):
-            return False
-        rows = [np.frombuffer(b, np.float32) for b in e.state]
-        if any(r.size != cfg.layers * cfg.hidden for r in rows) or len(e.err_mean) != self.n_features:
+        rows = [np.frombuffer(b, np.float32) for b in e.state if len(b) % 4 == 0]
+        forecast = np.frombuffer(e.forecast, np.float32) if len(e.forecast) % 4 == 0 else np.zeros(0, np.float32)
+        fits = (
+            e.version == self.version
+            and len(rows) == len(self.state)
+            and all(r.size == cfg.layers * cfg.hidden for r in rows)
+            and forecast.size == self.n_features
+            and len(e.err_mean) == len(e.err_var) == self.n_features
+        )
+        if not fits:
             return False
         for t, r in zip(self.state, rows, strict=True):
             t[:, s] = torch.from_numpy(r.reshape(cfg.layers, cfg.hidden).copy()).to(self.device)
-        self.forecast[s] = np.frombuffer(e.forecast, np.float32)
+        self.forecast[s] = forecast
         self.age[s] = e.age
         self.stats.mean[s], self.stats.var[s], self.stats.count[s] = e.err_mean, e.err_var, e.err_count
         self.threshold.restore(s, e.threshold)

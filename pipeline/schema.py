@@ -125,6 +125,52 @@ def _check_item(
     return Reading(device_id, ts_ms, vec, index)
 
 
+class _LenientMessage(msgspec.Struct):
+    """Second-chance decode of a message whose strict decode failed: readings kept raw, so one bad
+    reading in an envelope costs only that reading."""
+
+    device_id: str
+    ts: msgspec.Raw | None = None
+    values: msgspec.Raw | None = None
+    readings: list[msgspec.Raw] | None = None
+
+
+_lenient_decoder = msgspec.json.Decoder(_LenientMessage)
+_item_decoder = msgspec.json.Decoder(_Item)
+
+
+def _schema_rejection(exc: msgspec.ValidationError, index: int = -1) -> Rejection:
+    text = str(exc)
+    reason = Reason.VALUE_OUT_OF_RANGE if "Number out of range" in text else Reason.BAD_SCHEMA
+    return Rejection(reason, text[:200], index)
+
+
+def _check_device(device_id: str, key: bytes | None) -> Rejection | None:
+    if not device_id or len(device_id) > MAX_DEVICE_ID_LEN or not device_id.isprintable():
+        return Rejection(Reason.BAD_DEVICE_ID, f"device_id {device_id[:64]!r}")
+    if key is not None and key != device_id.encode():
+        return Rejection(Reason.KEY_MISMATCH, f"key {key[:64]!r} != device_id {device_id[:64]!r}")
+    return None
+
+
+def _envelope(device_id: str, readings: Sequence[object], limits: Limits, now_ms: int) -> list[Reading | Rejection]:
+    if not readings:
+        return [Rejection(Reason.BAD_SCHEMA, "empty envelope")]
+    if len(readings) > MAX_READINGS_PER_ENVELOPE:
+        return [Rejection(Reason.OVERSIZED, f"{len(readings)} readings in one envelope")]
+    out: list[Reading | Rejection] = []
+    for i, item in enumerate(readings):
+        if isinstance(item, msgspec.Raw):
+            try:
+                item = _item_decoder.decode(item)
+            except msgspec.ValidationError as exc:
+                out.append(_schema_rejection(exc, i))
+                continue
+        assert isinstance(item, _Item)
+        out.append(_check_item(device_id, item.ts, item.values, limits, now_ms, i))
+    return out
+
+
 def validate(raw: bytes, key: bytes | None, limits: Limits, now_ms: int) -> list[Reading | Rejection]:
     """Decode one Kafka message into readings and rejections, in message order. Never raises."""
     if len(raw) > MAX_MESSAGE_BYTES:
@@ -132,23 +178,27 @@ def validate(raw: bytes, key: bytes | None, limits: Limits, now_ms: int) -> list
     try:
         msg = _decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        return [Rejection(Reason.BAD_SCHEMA, str(exc)[:200])]
-    except msgspec.DecodeError as exc:
+        try:
+            lenient = _lenient_decoder.decode(raw)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            return [_schema_rejection(exc)]
+        if lenient.readings is None or lenient.ts is not None or lenient.values is not None:
+            return [_schema_rejection(exc)]
+        bad = _check_device(lenient.device_id, key)
+        return [bad] if bad else _envelope(lenient.device_id, lenient.readings, limits, now_ms)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # Invalid UTF-8 inside a JSON string surfaces as UnicodeDecodeError, not a DecodeError.
         return [Rejection(Reason.BAD_JSON, str(exc)[:200])]
-    device_id = msg.device_id
-    if not device_id or len(device_id) > MAX_DEVICE_ID_LEN or not device_id.isprintable():
-        return [Rejection(Reason.BAD_DEVICE_ID, f"device_id {device_id[:64]!r}")]
-    if key is not None and key != device_id.encode():
-        return [Rejection(Reason.KEY_MISMATCH, f"key {key[:64]!r} != device_id {device_id[:64]!r}")]
+    bad = _check_device(msg.device_id, key)
+    if bad:
+        return [bad]
     if msg.readings is not None:
         if msg.ts is not None or msg.values is not None:
             return [Rejection(Reason.BAD_SCHEMA, "envelope must not also carry ts/values")]
-        if len(msg.readings) > MAX_READINGS_PER_ENVELOPE:
-            return [Rejection(Reason.OVERSIZED, f"{len(msg.readings)} readings in one envelope")]
-        return [_check_item(device_id, item.ts, item.values, limits, now_ms, i) for i, item in enumerate(msg.readings)]
+        return _envelope(msg.device_id, msg.readings, limits, now_ms)
     if msg.ts is None or msg.values is None:
         return [Rejection(Reason.BAD_SCHEMA, "a reading needs ts and values (or an envelope: readings)")]
-    return [_check_item(device_id, msg.ts, msg.values, limits, now_ms, -1)]
+    return [_check_item(msg.device_id, msg.ts, msg.values, limits, now_ms, -1)]
 
 
 def encode_reading(device_id: str, ts_ms: int, values: dict[str, float]) -> bytes:

@@ -255,7 +255,7 @@ _EXPECTED_REASONS: dict[str, set[Reason]] = {
     "truncated_json": {Reason.BAD_JSON},
     "wrong_type": {Reason.BAD_SCHEMA},
     "nan": {Reason.BAD_JSON, Reason.NON_FINITE},
-    "infinity": {Reason.BAD_JSON, Reason.BAD_SCHEMA, Reason.NON_FINITE},  # 1e999: "number out of range"
+    "infinity": {Reason.BAD_JSON, Reason.NON_FINITE, Reason.VALUE_OUT_OF_RANGE},  # 1e999: "number out of range"
     "huge_number": {Reason.VALUE_OUT_OF_RANGE},
     "huge_string": {Reason.BAD_DEVICE_ID, Reason.BAD_SCHEMA},
     "missing_fields": {Reason.BAD_SCHEMA},
