@@ -8,7 +8,7 @@ IOTAD := $(VENV)/bin/iotad
 TORCH_SPEC ?= torch==2.13.0
 DURATION ?= 60
 
-.PHONY: setup servers demo test lint typecheck unit integration bench clean
+.PHONY: setup servers demo test lint typecheck unit integration bench dashboards clean
 
 setup: $(VENV)/.installed servers
 
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 # Debian's InfluxDB 1.x, Prometheus and Alertmanager for the local stack (root only; nothing is started).
 servers:
-	@if ! command -v influxd >/dev/null; then \
+	@if ! command -v influxd >/dev/null || ! command -v promtool >/dev/null || ! command -v amtool >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	      influxdb prometheus prometheus-alertmanager >/dev/null; \
@@ -46,6 +46,11 @@ integration: setup
 
 test: setup lint typecheck
 	$(VENV)/bin/pytest -q -ra
+
+# Regenerate the committed dashboards and the PrometheusRule from their sources.
+dashboards: $(VENV)/.installed
+	$(PY) dashboards/generate.py
+	$(PY) deploy/render_prometheusrule.py
 
 bench: setup
 	$(IOTAD) bench throughput --json
