@@ -157,7 +157,9 @@ class Detector:
         thr = self.threshold.values(slots)
         scored = has & obs
         warm = sb.warm & scored
-        is_anomaly = warm & (sb.score > thr)
+        # The threshold may map the raw score (e.g. to an anomaly likelihood); identity by default.
+        reported = self.threshold.transform(slots, sb.score, xz, warm)
+        is_anomaly = warm & (reported > thr)
         # The first forecasts after a reset come from a cold state; their errors would inflate the
         # device's error statistics for many half-lives, so they neither learn nor score as ok.
         learn = scored & (age > self.scoring.burnin_steps) & (~is_anomaly | self.scoring.learn_from_anomalies)
@@ -173,7 +175,7 @@ class Detector:
         self.age[slots] += 1
 
         forecast = np.where(has[:, None], self.artifact.normaliser.invert(prev), np.nan)
-        score = np.where(scored, sb.score, np.nan)
+        score = np.where(scored, reported, np.nan)
         return StepOutput(forecast, score, sb.top, thr, warm, is_anomaly)
 
     def export(self, device_id: str) -> bytes:

@@ -8,12 +8,15 @@ statistics used at ``t`` were updated with errors up to ``t - 1`` only.
 
 A device is ``warming_up`` until it has seen ``warmup_steps`` errors; it is never flagged while
 warming up. Thresholding is its own class (:class:`Threshold`), which may refuse to learn from the
-steps it flags.
+steps it flags. A threshold may also *transform* the raw score before comparing it (the anomaly
+likelihood of :class:`LikelihoodThreshold` maps it into ``[0, 1]``); the transformed score is what the
+detector reports.
 """
 
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -108,6 +111,15 @@ class Threshold(abc.ABC):
     def update(self, slots: np.ndarray, scores: np.ndarray, learn: np.ndarray) -> None:
         """Learn from ``scores`` where ``learn`` is true."""
 
+    def transform(self, slots: np.ndarray, scores: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """The score compared with :meth:`values` and reported, from the raw score ``(B,)``.
+
+        Called once per step before :meth:`update`, with the step's normalised inputs ``x`` ``(B, F)`` and
+        ``seen`` (rows with a raw score, i.e. a forecast and an observed reading). Identity by default; a
+        stateful transform advances its per-slot state for the ``seen`` rows here.
+        """
+        return scores
+
     def grow(self, capacity: int) -> None:  # noqa: B027 - stateless thresholds need nothing
         """Make room for ``capacity`` slots."""
 
@@ -178,9 +190,499 @@ class AdaptiveThreshold(Threshold):
             self.q[slot], self.scale[slot] = state
 
 
-def make_threshold(method: str, *, value: float, quantile: float, margin: float) -> Threshold:
+_SQRT2 = math.sqrt(2.0)
+_LOG_1E10 = math.log(1e-10)
+
+
+def erfc(x: np.ndarray) -> np.ndarray:
+    """Complementary error function, elementwise (Numerical Recipes ``erfcc``: relative error < 1.2e-7)."""
+    z = np.abs(x)
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = (
+        -z * z
+        - 1.26551223
+        + t
+        * (
+            1.00002368
+            + t
+            * (
+                0.37409196
+                + t
+                * (
+                    0.09678418
+                    + t
+                    * (
+                        -0.18628806
+                        + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))
+                    )
+                )
+            )
+        )
+    )
+    r = t * np.exp(poly)
+    return np.where(x >= 0, r, 2.0 - r)
+
+
+def tail_probability(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Gaussian tail probability of ``x``, mirrored below the mean as in Numenta's ``tailProbability``:
+    ``Q(|x - mean| / std)``, so an unusually *low* average error (a signal gone flat) is unlikely too."""
+    return 0.5 * erfc(np.abs(x - mean) / (std * _SQRT2))
+
+
+def log10_tail(z: np.ndarray) -> np.ndarray:
+    """``log10 Q(z)`` of the standard Gaussian upper tail, stable far into the tail (no underflow):
+    the asymptotic series ``Q(z) ~ phi(z) / z * (1 - 1/z^2 + 3/z^4)`` beyond ``z = 8``."""
+    z = np.asarray(z, np.float64)
+    near = np.log10(np.maximum(0.5 * erfc(np.minimum(z, 8.0) / _SQRT2), 1e-300))
+    zz = np.maximum(z, 8.0)
+    far = (-0.5 * zz * zz - np.log(zz) - 0.5 * math.log(2 * math.pi) + np.log1p(-1 / zz**2 + 3 / zz**4)) / math.log(10)
+    return np.where(z > 8.0, far, near)
+
+
+def tail_score(log10_tail_: np.ndarray) -> np.ndarray:
+    """A non-saturating, order-preserving scale of a tail probability into ``[0, 1)``:
+    ``L / (1 + L)`` with ``L = -log10(tail) / 5``. It keeps Numenta's anchor (tail 1e-5 -> 0.5) but,
+    unlike :func:`log_likelihood`, still ranks events beyond 1e-10 (1e-10 -> 0.67, 1e-50 -> 0.91), so
+    one global threshold can separate large anomalies from moderate ones."""
+    lvl = np.maximum(-np.asarray(log10_tail_, np.float64), 0.0) / 5.0
+    return lvl / (1.0 + lvl)
+
+
+def log_likelihood(tail: np.ndarray) -> np.ndarray:
+    """Numenta's ``computeLogLikelihood`` of the likelihood ``1 - tail``: ``log(tail + 1e-10) / log(1e-10)``.
+
+    In ``[0, 1]``: a tail probability of 0.5 gives 0.03, 1e-5 gives 0.5, 0 gives 1."""
+    return np.clip(np.log(tail + 1e-10) / _LOG_1E10, 0.0, 1.0)
+
+
+class AnomalyLikelihood:
+    """Per-slot anomaly likelihood over a rolling error distribution (in the style of Numenta HTM), batched.
+
+    For each slot, step ``t``'s raw score ``r_t`` (clipped to ``cap``) enters a moving average over the
+    last ``window`` raw scores (``t`` included). The long-term distribution of that average is a Gaussian
+    whose mean and variance are running estimates (a plain mean over the first ``history_steps`` learnt
+    averages, an exponential one with weight ``1 / history_steps`` after that; the std is floored at
+    ``min_std``). The likelihood is ``1 - tail``, the tail probability of the current average under that
+    distribution (:func:`tail_probability`), reported log-scaled in ``[0, 1]`` (:func:`log_likelihood`).
+
+    * **Probation**: the first ``learning_steps`` averages are neither scored nor learnt; the next
+      ``estimation_steps`` are learnt but report the neutral 0.5 likelihood; after that the slot scores.
+    * **Suppression** (``suppress``): as in Numenta's ``_filterLikelihoods``, while the tail stays in the
+      red zone (``<= red``) only its first step reports it; the following red steps report ``yellow``.
+    * **Scale** of the reported score: ``"htm"`` is Numenta's log-likelihood (saturates at 1 for tails
+      below 1e-10); ``"tail"`` is :func:`tail_score`, the same anchor (1e-5 -> 0.5) without saturation.
+    * **Learning** happens in :meth:`update`, only for the steps the caller lets learn (e.g. not the
+      flagged ones). Like Numenta's, it learns the averages in the red zone that it did not flag (the
+      suppressed repeats); ``learn_red=False`` keeps those out too (on NAB that scored lower, see
+      bench/README.md).
+    * **Spatial check** (``spatial_tolerance`` not None): as in NAB's HTM detector, a step whose input
+      leaves the range seen so far by more than ``spatial_tolerance`` x that range (any feature) scores 1.
+      The range learns from every seen step.
+
+    Causal: the score at ``t`` uses raw scores and inputs up to ``t`` and a distribution learnt before ``t``.
+    """
+
+    def __init__(
+        self,
+        *,
+        window: int = 10,
+        learning_steps: int = 0,
+        estimation_steps: int = 100,
+        history_steps: int = 8640,
+        min_std: float = 0.05,
+        cap: float | None = None,
+        red: float = 1e-5,
+        yellow: float = 1e-3,
+        suppress: bool = True,
+        spatial_tolerance: float | None = None,
+        learn_red: bool = True,
+        scale: str = "tail",
+    ) -> None:
+        if window < 1 or history_steps < 1 or learning_steps < 0 or estimation_steps < 1:
+            raise ValueError("window, history_steps and estimation_steps must be >= 1, learning_steps >= 0")
+        self.window, self.learning_steps, self.estimation_steps = window, learning_steps, estimation_steps
+        self.history_steps, self.min_std, self.cap = history_steps, min_std, cap
+        self.red, self.yellow, self.suppress, self.spatial_tolerance = red, yellow, suppress, spatial_tolerance
+        self.learn_red = learn_red
+        if scale not in ("htm", "tail"):
+            raise ValueError("scale must be 'htm' (log-likelihood, saturates at 1e-10) or 'tail' (tail_score)")
+        self.scale = scale
+        self.n = np.zeros(0, np.int64)  # raw scores seen
+        self.buf = np.zeros((0, window))  # ring of the last raw scores
+        self.avg = np.zeros(0)  # the last moving average (what update() learns)
+        self.mean = np.zeros(0)
+        self.var = np.zeros(0)
+        self.count = np.zeros(0, np.int64)  # averages learnt
+        self.prev_red = np.zeros(0, bool)
+        self.lo = np.zeros((0, 0))  # spatial range, (N, F) once the feature count is known
+        self.hi = np.zeros((0, 0))
+
+    @property
+    def capacity(self) -> int:
+        return len(self.n)
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - self.capacity
+        if extra <= 0:
+            return
+        self.n = np.concatenate([self.n, np.zeros(extra, np.int64)])
+        self.buf = np.concatenate([self.buf, np.zeros((extra, self.window))])
+        self.avg = np.concatenate([self.avg, np.zeros(extra)])
+        self.mean = np.concatenate([self.mean, np.zeros(extra)])
+        self.var = np.concatenate([self.var, np.zeros(extra)])
+        self.count = np.concatenate([self.count, np.zeros(extra, np.int64)])
+        self.prev_red = np.concatenate([self.prev_red, np.zeros(extra, bool)])
+        f = self.lo.shape[1]
+        self.lo = np.concatenate([self.lo, np.full((extra, f), np.nan)])
+        self.hi = np.concatenate([self.hi, np.full((extra, f), np.nan)])
+
+    def reset(self, slots: np.ndarray) -> None:
+        self.n[slots] = 0
+        self.buf[slots] = 0.0
+        self.avg[slots] = 0.0
+        self.mean[slots] = 0.0
+        self.var[slots] = 0.0
+        self.count[slots] = 0
+        self.prev_red[slots] = False
+        self.lo[slots] = np.nan
+        self.hi[slots] = np.nan
+
+    def ready(self, slots: np.ndarray) -> np.ndarray:
+        """Slots past their probation (scoring)."""
+        return self.count[slots] >= self.estimation_steps
+
+    def _spatial(self, slots: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        if self.lo.shape[1] != x.shape[1]:
+            self.lo = np.full((self.capacity, x.shape[1]), np.nan)
+            self.hi = np.full((self.capacity, x.shape[1]), np.nan)
+        lo, hi = self.lo[slots], self.hi[slots]
+        tol = (hi - lo) * float(self.spatial_tolerance or 0.0)
+        with np.errstate(invalid="ignore"):
+            outside = ((x > hi + tol) | (x < lo - tol)) & (hi > lo)
+            s, xs = slots[seen], x[seen]
+            self.lo[s] = np.fmin(self.lo[s], xs)
+            self.hi[s] = np.fmax(self.hi[s], xs)
+        return outside.any(axis=1)
+
+    def step(self, slots: np.ndarray, raw: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """Log-likelihood scores ``(B,)`` of raw scores ``(B,)``; advances the ``seen`` rows (not the
+        distribution, see :meth:`update`). Rows not seen score 0."""
+        r = np.nan_to_num(np.asarray(raw, np.float64), nan=0.0, posinf=1e12)
+        if self.cap is not None:
+            r = np.minimum(r, self.cap)
+        n = self.n[slots]
+        pos = n % self.window
+        rows = np.arange(len(slots))
+        buf = self.buf[slots]
+        total = buf.sum(axis=1) - np.where(n >= self.window, buf[rows, pos], 0.0) + r
+        avg = total / np.minimum(n + 1, self.window)
+        std = np.maximum(np.sqrt(self.var[slots]), self.min_std)
+        lt = log10_tail(np.abs(avg - self.mean[slots]) / std)
+        red = lt <= math.log10(self.red)
+        if self.suppress:
+            lt = np.where(red & self.prev_red[slots], math.log10(self.yellow), lt)
+        ready = self.ready(slots)
+        if self.scale == "htm":
+            score = np.where(ready, log_likelihood(10.0**lt), log_likelihood(np.array(0.5)))
+        else:
+            score = np.where(ready, tail_score(lt), tail_score(np.array(math.log10(0.5))))
+        if self.spatial_tolerance is not None:
+            score = np.where(self._spatial(slots, x, seen) & ready, 1.0, score)
+        score = np.where(seen, score, 0.0)
+        s = slots[seen]
+        buf[rows, pos] = r
+        self.buf[s] = buf[seen]
+        self.n[s] += 1
+        self.avg[s] = avg[seen]
+        self.prev_red[s] = red[seen] & ready[seen]
+        return score
+
+    def update(self, slots: np.ndarray, learn: np.ndarray) -> None:
+        """Learn the last averages of ``slots`` where ``learn`` is true (past ``learning_steps``)."""
+        ok = learn & (self.n[slots] > self.learning_steps)
+        if not self.learn_red:
+            ok &= ~self.prev_red[slots]
+        s = slots[ok]
+        if len(s) == 0:
+            return
+        a = self.avg[s]
+        w = np.maximum(1.0 / (self.count[s] + 1.0), 1.0 / self.history_steps)
+        delta = a - self.mean[s]
+        self.mean[s] += w * delta
+        self.var[s] = (1.0 - w) * (self.var[s] + w * delta**2)
+        self.count[s] += 1
+
+    def export(self, slot: int) -> list[float]:
+        head = [float(self.n[slot]), float(self.count[slot]), float(self.mean[slot]), float(self.var[slot])]
+        head += [float(self.prev_red[slot]), float(self.avg[slot])]
+        return head + self.buf[slot].tolist() + self.lo[slot].tolist() + self.hi[slot].tolist()
+
+    def restore(self, slot: int, state: list[float]) -> None:
+        f = self.lo.shape[1]
+        if len(state) != 6 + self.window + 2 * f:
+            return
+        self.n[slot], self.count[slot] = int(state[0]), int(state[1])
+        self.mean[slot], self.var[slot] = state[2], state[3]
+        self.prev_red[slot], self.avg[slot] = bool(state[4]), state[5]
+        self.buf[slot] = state[6 : 6 + self.window]
+        self.lo[slot] = state[6 + self.window : 6 + self.window + f]
+        self.hi[slot] = state[6 + self.window + f :]
+
+
+class LikelihoodThreshold(Threshold):
+    """Adaptive and unsupervised: the raw score becomes the anomaly likelihood of :class:`AnomalyLikelihood`
+    (log-scaled, in ``[0, 1]``), and a step is flagged when that exceeds ``value`` (0.5 = tail 1e-5).
+
+    The detector reports the likelihood as the step's score. Flagged steps are not learnt by the
+    likelihood distribution unless the scoring config lets anomalies be learnt.
+    """
+
+    name = "likelihood"
+
+    def __init__(
+        self,
+        likelihood: AnomalyLikelihood | None = None,
+        value: float = 0.5,
+        reference: ReferenceDeviation | None = None,
+    ) -> None:
+        self.likelihood = likelihood or AnomalyLikelihood()
+        self.value = value
+        self.reference = reference  # optional ensemble: raw = max(raw, reference deviation of the inputs)
+
+    def grow(self, capacity: int) -> None:
+        self.likelihood.grow(capacity)
+        if self.reference is not None:
+            self.reference.grow(capacity)
+
+    def reset(self, slots: np.ndarray) -> None:
+        self.likelihood.reset(slots)
+        if self.reference is not None:
+            self.reference.reset(slots)
+
+    def values(self, slots: np.ndarray) -> np.ndarray:
+        return np.full(len(slots), self.value)
+
+    def transform(self, slots: np.ndarray, scores: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        if self.reference is not None:
+            scores = np.maximum(np.nan_to_num(scores, nan=0.0), self.reference.step(slots, x, seen))
+        return self.likelihood.step(slots, scores, x, seen)
+
+    def update(self, slots: np.ndarray, scores: np.ndarray, learn: np.ndarray) -> None:
+        self.likelihood.update(slots, learn)
+        if self.reference is not None:
+            self.reference.update(slots, learn)
+
+    def export(self, slot: int) -> list[float]:
+        if self.reference is None:
+            return self.likelihood.export(slot)
+        own = self.likelihood.export(slot)
+        return [float(len(own)), *own, *self.reference.export(slot)]
+
+    def restore(self, slot: int, state: list[float]) -> None:
+        if self.reference is None:
+            self.likelihood.restore(slot, state)
+        elif state:
+            k = int(state[0])
+            self.likelihood.restore(slot, state[1 : 1 + k])
+            self.reference.restore(slot, state[1 + k :])
+
+
+class ReferenceDeviation:
+    """Per-slot deviation of the smoothed input from the slot's own reference level (batched, causal).
+
+    A cheap baseline for sustained anomalies (a level that moves and stays), which a one-step forecast
+    error only sees at the transitions. Per slot and feature, the input ``x`` is smoothed by an EWMA of
+    ``span`` steps. Its first ``skip_steps`` seen steps only warm the EWMA up; the next ``reference_steps``
+    fix the reference: the mean and std of the smoothed input (the std floored at ``scale_floor``, per
+    feature). The score is ``max_f |ema_f - level_f| / std_f``, where the level starts at the reference
+    mean and then follows the smoothed input with an EWMA of half-life ``halflife_steps`` -- learning
+    only from the steps the caller lets learn (e.g. not the flagged ones), so a flagged level shift
+    stays flagged while slow normal drifts are followed. Scores are 0 until the reference is set.
+    """
+
+    def __init__(
+        self,
+        *,
+        span: float = 10.0,
+        skip_steps: int = 20,
+        reference_steps: int = 200,
+        halflife_steps: float = 100.0,
+        scale_floor: np.ndarray | float = 1e-6,
+    ) -> None:
+        if span < 1 or reference_steps < 2 or skip_steps < 0 or halflife_steps <= 0:
+            raise ValueError("span >= 1, reference_steps >= 2, skip_steps >= 0, halflife_steps > 0")
+        self.alpha = 2.0 / (span + 1.0)
+        self.rate = float(1.0 - 0.5 ** (1.0 / halflife_steps))
+        self.skip_steps, self.reference_steps = skip_steps, reference_steps
+        self.scale_floor = np.asarray(scale_floor, np.float64)
+        self.n = np.zeros(0, np.int64)
+        self.ema = np.zeros((0, 0))
+        self.mean = np.zeros((0, 0))
+        self.m2 = np.zeros((0, 0))
+        self.level = np.zeros((0, 0))
+
+    @property
+    def capacity(self) -> int:
+        return len(self.n)
+
+    @property
+    def calibration_steps(self) -> int:
+        """Seen steps before the reference is set (and scores are meaningful)."""
+        return self.skip_steps + self.reference_steps
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - self.capacity
+        if extra <= 0:
+            return
+        f = self.ema.shape[1]
+        self.n = np.concatenate([self.n, np.zeros(extra, np.int64)])
+        for name in ("ema", "mean", "m2", "level"):
+            setattr(self, name, np.concatenate([getattr(self, name), np.zeros((extra, f))]))
+
+    def reset(self, slots: np.ndarray) -> None:
+        self.n[slots] = 0
+        for name in ("ema", "mean", "m2", "level"):
+            getattr(self, name)[slots] = 0.0
+
+    def ready(self, slots: np.ndarray) -> np.ndarray:
+        return self.n[slots] >= self.calibration_steps
+
+    def _std(self, slots: np.ndarray) -> np.ndarray:
+        k = np.clip(self.n[slots] - self.skip_steps, 1, self.reference_steps)[:, None]
+        return np.maximum(np.sqrt(self.m2[slots] / k), np.maximum(self.scale_floor, 1e-12))
+
+    def step(self, slots: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """Scores ``(B,)`` of inputs ``x`` ``(B, F)``; advances the smoothing (and, within the reference
+        period, the reference) of the ``seen`` rows."""
+        if self.ema.shape[1] != x.shape[1]:
+            for name in ("ema", "mean", "m2", "level"):
+                setattr(self, name, np.zeros((self.capacity, x.shape[1])))
+        s, xs = slots[seen], np.asarray(x, np.float64)[seen]
+        n = self.n[s]
+        ema = np.where((n == 0)[:, None], xs, self.ema[s] + self.alpha * (xs - self.ema[s]))
+        self.ema[s] = ema
+        ref = (n >= self.skip_steps) & (n < self.calibration_steps)
+        if ref.any():
+            r = s[ref]
+            k = (n[ref] - self.skip_steps + 1)[:, None].astype(np.float64)
+            delta = ema[ref] - self.mean[r]
+            self.mean[r] += delta / k
+            self.m2[r] += delta * (ema[ref] - self.mean[r])
+            self.level[r] = self.mean[r]
+        self.n[s] += 1
+        z = np.abs(self.ema[slots] - self.level[slots]) / self._std(slots)
+        return np.where(seen & self.ready(slots), z.max(axis=1), 0.0)
+
+    def update(self, slots: np.ndarray, learn: np.ndarray) -> None:
+        """Let the level of the ``learn`` rows (past the reference period) follow their smoothed input."""
+        s = slots[learn & self.ready(slots)]
+        self.level[s] += self.rate * (self.ema[s] - self.level[s])
+
+    def export(self, slot: int) -> list[float]:
+        rows = [self.ema[slot], self.mean[slot], self.m2[slot], self.level[slot]]
+        return [float(self.n[slot]), *np.concatenate(rows).tolist()]
+
+    def restore(self, slot: int, state: list[float]) -> None:
+        f = self.ema.shape[1]
+        if len(state) != 1 + 4 * f:
+            return
+        self.n[slot] = int(state[0])
+        for i, name in enumerate(("ema", "mean", "m2", "level")):
+            getattr(self, name)[slot] = state[1 + i * f : 1 + (i + 1) * f]
+
+
+class CalibratedThreshold(Threshold):
+    """Per-slot threshold set once from the slot's own calibration period, SKAB's convention for its
+    baselines: ``margin`` x the ``quantile`` of the scores of the last ``calibration_steps`` steps of the
+    calibration (the first ``skip_steps`` scored steps are left out); no flag before that.
+
+    The score it compares is ``max(forecast_weight * raw, reference(x))``: the detector's forecast-error
+    score, optionally in an ensemble with a :class:`ReferenceDeviation` of the inputs (``reference``).
+    Flagged steps do not move the reference level unless the scoring config lets anomalies be learnt.
+    Memory: ``calibration_steps`` float32 per slot.
+    """
+
+    name = "calibrated"
+
+    def __init__(
+        self,
+        *,
+        skip_steps: int,
+        calibration_steps: int,
+        quantile: float = 0.99,
+        margin: float = 1.5,
+        reference: ReferenceDeviation | None = None,
+        forecast_weight: float = 1.0,
+    ) -> None:
+        if calibration_steps < 1 or skip_steps < 0 or not (0.0 < quantile <= 1.0):
+            raise ValueError("calibration_steps >= 1, skip_steps >= 0, 0 < quantile <= 1")
+        self.skip_steps, self.calibration_steps = skip_steps, calibration_steps
+        self.quantile, self.margin = quantile, margin
+        self.reference, self.forecast_weight = reference, forecast_weight
+        self.n = np.zeros(0, np.int64)
+        self.buf = np.zeros((0, calibration_steps), np.float32)
+        self.value = np.zeros(0)
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - len(self.n)
+        if extra <= 0:
+            return
+        self.n = np.concatenate([self.n, np.zeros(extra, np.int64)])
+        self.buf = np.concatenate([self.buf, np.zeros((extra, self.calibration_steps), np.float32)])
+        self.value = np.concatenate([self.value, np.full(extra, np.inf)])
+        if self.reference is not None:
+            self.reference.grow(capacity)
+
+    def reset(self, slots: np.ndarray) -> None:
+        self.n[slots] = 0
+        self.value[slots] = np.inf
+        if self.reference is not None:
+            self.reference.reset(slots)
+
+    def values(self, slots: np.ndarray) -> np.ndarray:
+        return self.value[slots]
+
+    def transform(self, slots: np.ndarray, scores: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        raw = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0) * self.forecast_weight
+        if self.reference is not None:
+            raw = np.maximum(raw, self.reference.step(slots, x, seen))
+        n = self.n[slots]
+        k = n - self.skip_steps
+        collect = seen & (k >= 0) & (k < self.calibration_steps)
+        if collect.any():
+            self.buf[slots[collect], k[collect]] = raw[collect]
+        done = seen & (k == self.calibration_steps - 1)
+        if done.any():
+            d = slots[done]
+            self.value[d] = self.margin * np.quantile(self.buf[d].astype(np.float64), self.quantile, axis=1)
+        self.n[slots[seen]] += 1
+        return raw
+
+    def update(self, slots: np.ndarray, scores: np.ndarray, learn: np.ndarray) -> None:
+        if self.reference is not None:
+            self.reference.update(slots, learn)
+
+    def export(self, slot: int) -> list[float]:
+        head = [float(self.n[slot]), float(self.value[slot])]
+        tail = self.reference.export(slot) if self.reference is not None else []
+        return head + self.buf[slot].astype(np.float64).tolist() + tail
+
+    def restore(self, slot: int, state: list[float]) -> None:
+        if len(state) < 2 + self.calibration_steps:
+            return
+        self.n[slot], self.value[slot] = int(state[0]), state[1]
+        self.buf[slot] = state[2 : 2 + self.calibration_steps]
+        if self.reference is not None:
+            self.reference.restore(slot, state[2 + self.calibration_steps :])
+
+
+def make_threshold(method: str, *, value: float, quantile: float, margin: float, likelihood: float = 0.5) -> Threshold:
+    """``static`` (``value``), ``adaptive`` (floor ``0.75 * value``) or ``likelihood`` (bound on the
+    log-scaled anomaly likelihood, default 0.5, i.e. a tail probability of about 1e-5)."""
     if method == "static":
         return StaticThreshold(value)
     if method == "adaptive":
         return AdaptiveThreshold(quantile=quantile, margin=margin, floor=value * 0.75)
-    raise ValueError(f"unknown threshold method {method!r} (static, adaptive)")
+    if method == "likelihood":
+        return LikelihoodThreshold(AnomalyLikelihood(), likelihood)
+    raise ValueError(f"unknown threshold method {method!r} (static, adaptive, likelihood)")

@@ -1,0 +1,201 @@
+"""The anomaly likelihood, the reference deviation and the calibrated threshold (models/scoring.py):
+causal, per slot, batching-invisible, probation, suppression, not learning flagged steps, export/restore,
+and wired into the Detector."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from models.scoring import (
+    AnomalyLikelihood,
+    CalibratedThreshold,
+    LikelihoodThreshold,
+    ReferenceDeviation,
+    erfc,
+    log_likelihood,
+    make_threshold,
+    tail_probability,
+)
+from tests.unit.test_detector import STD, make_artifact, make_detector, noisy
+
+
+def test_erfc_and_log_likelihood():
+    x = np.linspace(-6, 6, 121)
+    ref = np.array([math.erfc(v) for v in x])
+    np.testing.assert_allclose(erfc(x), ref, rtol=2e-7, atol=1e-12)
+    assert float(log_likelihood(np.array(0.5))) == pytest.approx(math.log(0.5) / math.log(1e-10))
+    assert float(log_likelihood(np.array(1e-5))) == pytest.approx(0.5, abs=1e-4)
+    assert float(log_likelihood(np.array(0.0))) == 1.0
+    # mirrored below the mean, as Numenta's tailProbability
+    t = tail_probability(np.array([1.0, -1.0]), np.array(0.0), np.array(1.0))
+    assert t[0] == pytest.approx(t[1]) == pytest.approx(0.5 * math.erfc(1 / math.sqrt(2)))
+
+
+def run(lik: AnomalyLikelihood, raw: np.ndarray, x: np.ndarray | None = None, learn: bool = True) -> np.ndarray:
+    """Step one slot per column of ``raw`` (T, B) together; returns the scores (T, B)."""
+    t_len, b = raw.shape
+    lik.grow(b)
+    slots = np.arange(b)
+    xs = np.zeros((t_len, b, 1)) if x is None else x
+    out = []
+    for t in range(t_len):
+        s = lik.step(slots, raw[t], xs[t], np.ones(b, bool))
+        lik.update(slots, np.full(b, learn))
+        out.append(s)
+    return np.array(out)
+
+
+def test_batched_slots_equal_each_slot_alone_and_scores_are_causal():
+    rng = np.random.default_rng(0)
+    raw = np.abs(rng.normal(size=(400, 3))) * np.array([1.0, 3.0, 0.2])
+    raw[300, 1] = 40.0
+    together = run(AnomalyLikelihood(estimation_steps=50), raw)
+    for j in range(3):
+        alone = run(AnomalyLikelihood(estimation_steps=50), raw[:, j : j + 1])
+        np.testing.assert_allclose(together[:, j], alone[:, 0], rtol=0, atol=1e-12)
+    changed = raw.copy()
+    changed[250:] = 99.0  # the future does not change the past
+    np.testing.assert_array_equal(run(AnomalyLikelihood(estimation_steps=50), changed)[:250], together[:250])
+
+
+def test_probation_then_a_spike_is_likely_anomalous_and_repeats_are_suppressed():
+    rng = np.random.default_rng(1)
+    raw = np.abs(rng.normal(size=(600, 1)))
+    raw[500:503, 0] = 30.0
+    s = run(AnomalyLikelihood(estimation_steps=100, scale="htm"), raw)[:, 0]
+    neutral = float(log_likelihood(np.array(0.5)))
+    assert np.allclose(s[:100], neutral)  # probation: neutral likelihood
+    assert s[100:500].max() < 0.5
+    assert s[500] > 0.5  # the first red step is reported
+    assert s[501] == pytest.approx(float(log_likelihood(np.array(1e-3))))  # the next red ones: yellow
+    no_suppress = run(AnomalyLikelihood(estimation_steps=100, suppress=False, scale="htm"), raw)[:, 0]
+    assert no_suppress[501] > 0.5
+    assert ((s >= 0) & (s <= 1)).all()
+    tail = run(AnomalyLikelihood(estimation_steps=100, scale="tail"), raw)[:, 0]
+    np.testing.assert_array_equal(tail[100:500] > 0.5, s[100:500] > 0.5)  # same anchor: tail 1e-5 -> 0.5
+    assert 0.5 < tail[500] < 1.0  # no saturation
+
+
+@pytest.mark.parametrize("learn_red", [False, True])
+def test_flagged_steps_and_red_averages_are_not_learnt(learn_red):
+    lik = AnomalyLikelihood(estimation_steps=5, learn_red=learn_red)
+    lik.grow(1)
+    slots = np.array([0])
+    rng = np.random.default_rng(6)
+    for _ in range(40):
+        lik.step(slots, np.array([1.0 + 0.1 * rng.normal()]), np.zeros((1, 1)), np.array([True]))
+        lik.update(slots, np.array([True]))
+    mean, var, count = lik.mean.copy(), lik.var.copy(), lik.count.copy()
+    lik.step(slots, np.array([50.0]), np.zeros((1, 1)), np.array([True]))
+    lik.update(slots, np.array([False]))  # the caller flagged it: never learnt
+    assert lik.mean == mean and lik.var == var and lik.count == count
+    lik.step(slots, np.array([50.0]), np.zeros((1, 1)), np.array([True]))  # a red average, not flagged
+    lik.update(slots, np.array([True]))
+    assert (lik.mean > mean)[0] == learn_red
+
+
+def test_spatial_anomaly_scores_one():
+    raw = np.full((200, 1), 0.5)
+    x = np.sin(np.arange(200) / 5.0)[:, None, None].copy()
+    x[150] = 1.2  # beyond max + 5 % of the range (1.1)
+    x[170] = 1.05  # within the tolerance
+    s = run(AnomalyLikelihood(estimation_steps=20, spatial_tolerance=0.05), raw, x)[:, 0]
+    assert s[150] == 1.0
+    assert s[170] < 1.0
+
+
+def test_likelihood_export_restore_continues_identically():
+    rng = np.random.default_rng(2)
+    raw = np.abs(rng.normal(size=(300, 1)))
+    raw[250, 0] = 20.0
+    x = rng.normal(size=(300, 1, 2))
+    a = AnomalyLikelihood(estimation_steps=30, spatial_tolerance=0.1)
+    first = run(a, raw[:200], x[:200])
+    b = AnomalyLikelihood(estimation_steps=30, spatial_tolerance=0.1)
+    b.grow(3)
+    b.step(np.array([2]), np.array([0.0]), np.zeros((1, 2)), np.array([False]))  # learn the feature count
+    b.restore(2, a.export(0))
+    rest_a = run(a, raw[200:], x[200:])
+    rest_b = []
+    for t in range(200, 300):
+        rest_b.append(b.step(np.array([2]), raw[t], x[t], np.array([True]))[0])
+        b.update(np.array([2]), np.array([True]))
+    np.testing.assert_allclose(rest_a[:, 0], rest_b, rtol=0, atol=1e-12)
+    assert first.shape == (200, 1)
+
+
+def test_likelihood_threshold_in_the_detector():
+    thr = make_threshold("likelihood", value=5.0, quantile=0.99, margin=1.5, likelihood=0.5)
+    assert isinstance(thr, LikelihoodThreshold) and thr.value == 0.5
+    thr.likelihood = AnomalyLikelihood(estimation_steps=40)
+    det = make_detector(make_artifact(seed=4), warmup=5, threshold=thr)
+    rng = np.random.default_rng(3)
+    x = noisy(rng, 300, scale=0.3)
+    x[250, 1] += 30 * STD[1]
+    scores, flags = [], []
+    for t in range(300):
+        out = det.step(np.array([det.slot("d")]), x[t][None])
+        scores.append(out.score[0])
+        flags.append(out.is_anomaly[0])
+    s = np.array(scores)
+    assert np.isnan(s[0])
+    assert np.nanmin(s) >= 0 and np.nanmax(s) <= 1
+    assert flags[250] and s[250] > 0.5
+    assert sum(flags) <= 3
+    blob = det.export("d")
+    other = make_detector(
+        make_artifact(seed=4), warmup=5, threshold=make_threshold("likelihood", value=5, quantile=0.99, margin=1.5)
+    )
+    other.threshold.likelihood = AnomalyLikelihood(estimation_steps=40)  # type: ignore[attr-defined]
+    other.threshold.grow(other.capacity)
+    assert other.restore("d", blob)
+    y = noisy(rng, 20, scale=0.3)
+    for t in range(20):
+        a = det.step(np.array([det.slot("d")]), y[t][None])
+        b = other.step(np.array([other.slot("d")]), y[t][None])
+        np.testing.assert_allclose(a.score, b.score, rtol=1e-6, atol=1e-9)
+
+
+def test_reference_deviation_keeps_a_flagged_shift_flagged_but_follows_learnt_drift():
+    rng = np.random.default_rng(4)
+    n = 600
+    x = rng.normal(0, 1.0, (n, 1, 2))
+    x[400:, 0, 0] += 5.0  # a sustained shift of one feature
+    for learn_shift in (False, True):
+        ref = ReferenceDeviation(span=10, skip_steps=10, reference_steps=200, halflife_steps=20)
+        ref.grow(1)
+        got = []
+        for t in range(n):
+            got.append(ref.step(np.array([0]), x[t], np.array([True]))[0])
+            ref.update(np.array([0]), np.array([t < 400 or learn_shift]))
+        s = np.array(got)
+        assert (s[:209] == 0).all()  # no score before the reference is set (210 seen steps)
+        assert s[210:400].max() < 4
+        if learn_shift:
+            assert s[-50:].max() < 5  # the level followed the shift
+        else:
+            assert s[420:].min() > 10  # not learnt: stays flagged
+
+
+def test_calibrated_threshold_is_margin_times_the_calibration_quantile():
+    thr = CalibratedThreshold(skip_steps=5, calibration_steps=100, quantile=0.9, margin=2.0)
+    thr.grow(2)
+    slots = np.array([0, 1])
+    rng = np.random.default_rng(5)
+    raws = np.abs(rng.normal(size=(120, 2))) * np.array([1.0, 4.0])
+    for t in range(120):
+        assert np.isinf(thr.values(slots)).all() == (t < 105)
+        out = thr.transform(slots, raws[t], np.zeros((2, 1)), np.ones(2, bool))
+        np.testing.assert_array_equal(out, raws[t])
+    want = 2.0 * np.quantile(raws[5:105], 0.9, axis=0)
+    np.testing.assert_allclose(thr.values(slots), want, rtol=1e-6)
+    thr.reset(np.array([1]))
+    assert np.isinf(thr.values(np.array([1])))[0]
+    state = thr.export(0)
+    other = CalibratedThreshold(skip_steps=5, calibration_steps=100, quantile=0.9, margin=2.0)
+    other.grow(1)
+    other.restore(0, state)
+    assert other.values(np.array([0]))[0] == thr.values(np.array([0]))[0]
