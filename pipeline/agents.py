@@ -5,6 +5,10 @@ points to InfluxDB (retried until written: this blocks consumption, which is the
 scores to ``<prefix>.scores`` -> checkpoints of the touched devices to the state table. Faust acks
 the batch's events only when the loop comes back for the next batch, and flushes the producer
 (changelog included) before committing offsets, so nothing is committed before it is written.
+
+Model updates arrive on ``<prefix>.control`` (every worker follows it). A new artifact is loaded and
+verified off the hot path; the swap itself happens between two micro-batches, so no batch is scored
+by a mix of models, and a refused artifact leaves the current model serving.
 """
 
 from __future__ import annotations
@@ -13,12 +17,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import faust
 from faust.types import TP, EventT, StreamT
 
-from pipeline.app import Components
+from models.artifact import ArtifactError
+from models.detector import Detector
+from pipeline import control as ctl
+from pipeline.app import Components, build_detector, fetch_version
 from pipeline.processor import BatchResult, Inbound
 from pipeline.records import score_json, score_line
 
@@ -33,6 +41,68 @@ class ScoringService:
         self.sensors = comp.processor.sensors
         s = comp.settings
         self.scores_topic, self.dlq_topic, self.measurement = s.scores_topic, s.dlq_topic, s.influx_measurement
+        self._next_champion: Detector | None = None
+        self._next_shadow: tuple[Detector | None] | None = None  # (None,) = stop the shadow
+
+    async def on_control(self, msg: dict[str, Any]) -> None:
+        """``model-updated`` swaps the champion (fetched from the registry, or loaded from ``path``);
+        ``{"type": "shadow", "path": DIR}`` (or ``"path": null``) starts (stops) a shadow model."""
+        kind, path = msg.get("type"), msg.get("path")
+        if kind == ctl.MODEL_UPDATED:
+            version = msg.get("version")
+            if version == self.c.processor.detector.version:
+                return
+            if not path and isinstance(version, str) and isinstance(msg.get("registry"), str):
+                try:
+                    path = str(await asyncio.to_thread(fetch_version, self.c.settings, msg["registry"], version))
+                except (ArtifactError, OSError, KeyError, ValueError) as exc:
+                    log.error(
+                        "cannot fetch model %s from %s: %s; the current model keeps serving",
+                        version,
+                        msg["registry"],
+                        exc,
+                    )
+                    self.c.metrics.model_load_failures.inc()
+                    return
+            detector = await self._load(path)
+            if detector is not None:
+                self._next_champion = detector
+        elif kind == "shadow":
+            shadow = await self._load(path) if path else None
+            if shadow is not None or not path:
+                self._next_shadow = (shadow,)
+
+    async def _load(self, path: object) -> Detector | None:
+        if not isinstance(path, str):
+            log.error("control message without an artifact path: %r", path)
+            self.c.metrics.model_load_failures.inc()
+            return None
+        try:
+            # Loading and hashing the weights happens in a thread: consumption goes on meanwhile.
+            return await asyncio.to_thread(build_detector, self.c.settings, Path(path))
+        except (ArtifactError, OSError, ValueError) as exc:
+            log.error("refusing model artifact %s: %s; the current model keeps serving", path, exc)
+            self.c.metrics.model_load_failures.inc()
+            return None
+
+    def _apply_swaps(self) -> None:
+        """Between micro-batches: install a loaded champion or shadow (atomic per batch)."""
+        m, proc = self.c.metrics, self.c.processor
+        if self._next_champion is not None:
+            old = proc.detector.version
+            proc.swap(self._next_champion)
+            self._next_champion = None
+            m.model_info.remove(old)
+            m.model_info.labels(proc.detector.version).set(1)
+            m.model_swaps.inc()
+            log.info("model %s -> %s (device states re-warm from history)", old, proc.detector.version)
+        if self._next_shadow is not None:
+            (shadow,) = self._next_shadow
+            self._next_shadow = None
+            m.shadow_info.clear()
+            proc.set_shadow(shadow)
+            if shadow is not None:
+                m.shadow_info.labels(shadow.version).set(1)
 
     async def handle(self, events: Sequence[EventT]) -> None:
         batch = [
@@ -42,12 +112,14 @@ class ScoringService:
         m = self.c.metrics
         m.messages.inc(len(batch))
         m.batch_size.observe(len(batch))
+        self._apply_swaps()
         t0 = time.perf_counter()
         res = self.c.processor.process(batch, int(time.time() * 1000))
         m.step_seconds.observe(time.perf_counter() - t0)
         await self.emit(res)
 
     async def flush_idle(self) -> None:
+        self._apply_swaps()
         res = self.c.processor.flush_idle(int(time.time() * 1000))
         if res.scores or res.dirty:
             await self.emit(res)
@@ -69,6 +141,10 @@ class ScoringService:
                 m.latency.observe(max(0.0, now - r.ts_ms / 1000))
             m.scored.inc(len(res.scores))
             m.anomalies.inc(sum(r.is_anomaly for r in res.scores))
+        if res.shadow_scores:
+            # Shadow scores only go to their own measurement: never to the scores topic or alerts.
+            shadow_measurement = f"{self.measurement}_shadow"
+            await self.c.sink.write([score_line(r, self.sensors, shadow_measurement) for r in res.shadow_scores])
         if pending:
             await asyncio.gather(*pending)
         if res.dirty:
@@ -78,6 +154,9 @@ class ScoringService:
         m.replayed.inc(res.replayed)
         m.imputed.inc(res.imputed)
         m.resets.inc(res.resets)
+        if res.rewarmed:
+            m.rewarmed.inc(res.rewarmed)
+            m.rewarm_seconds.observe(res.rewarm_s)
         m.devices.set(len(self.c.processor.devices))
 
     async def _checkpoint(self, devices: set[str]) -> None:
@@ -117,6 +196,10 @@ def register(comp: Components) -> ScoringService:
         # take_events is on the concrete Stream only (not in StreamT's interface).
         async for events in cast(faust.Stream[bytes], stream).take_events(s.batch_max, within=s.batch_within_s):
             await svc.handle(events)
+
+    @app.task
+    async def control() -> None:
+        await ctl.follow(s.kafka_bootstrap, s.control_topic, svc.on_control)
 
     @app.timer(interval=max(0.1, s.idle_flush_ms / 2000))
     async def flush_idle() -> None:

@@ -6,7 +6,9 @@ Built by a factory from :class:`Settings` (nothing is read from the environment 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import faust
 from faust.types import TableT
@@ -21,12 +23,15 @@ from pipeline.schema import Limits
 from pipeline.settings import Settings
 from pipeline.windowing import WindowConfig
 
+log = logging.getLogger(__name__)
+
 STATE_TABLE = "device-state"
 MAX_FETCH_BYTES = 8 * 1024 * 1024
 
 
-def build_detector(settings: Settings) -> Detector:
-    artifact = load_artifact(settings.model_dir, device=resolve_device(settings.device))
+def build_detector(settings: Settings, model_dir: Path | None = None) -> Detector:
+    """The detector for ``model_dir`` (default: the configured model) with the configured scoring."""
+    artifact = load_artifact(model_dir or settings.model_dir, device=resolve_device(settings.device))
     scoring = ScoringConfig(
         warmup_steps=settings.warmup_steps,
         halflife_steps=settings.error_halflife_steps,
@@ -38,14 +43,37 @@ def build_detector(settings: Settings) -> Detector:
         value=settings.threshold,
         quantile=settings.adaptive_quantile,
         margin=settings.adaptive_margin,
+        likelihood=settings.likelihood_threshold,
     )
     return Detector(artifact, scoring, threshold, device=resolve_device(settings.device))
+
+
+def fetch_version(settings: Settings, registry_url: str, version: str) -> Path:
+    """A verified local copy of a registry version, cached under the data dir."""
+    from models.registry import open_registry
+
+    return open_registry(registry_url).fetch(version, settings.data_dir / "model-cache")
+
+
+def startup_model_dir(settings: Settings) -> Path:
+    """The registry's champion when there is one, else the configured artifact (the baked-in default)."""
+    from models.registry import open_registry
+
+    try:
+        registry = open_registry(settings.registry)
+        champion = registry.champion()
+    except (OSError, ValueError) as exc:
+        log.warning("model registry %s unavailable (%s): serving %s", settings.registry, exc, settings.model_dir)
+        return settings.model_dir
+    if champion is None:
+        return settings.model_dir
+    return fetch_version(settings, settings.registry, champion)
 
 
 def build_processor(settings: Settings, detector: Detector, state_source: StateSource | None = None) -> Processor:
     limits = Limits(detector.artifact.features, settings.min_timestamp_ms, settings.max_future_skew_ms)
     window = WindowConfig(settings.step_ms, settings.grace_ms, settings.max_gap_steps, settings.idle_flush_ms)
-    return Processor(detector, window, limits, state_source)
+    return Processor(detector, window, limits, state_source, history_steps=settings.history_steps)
 
 
 def broker_urls(bootstrap: str) -> list[str]:
@@ -103,9 +131,13 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
         partitions=settings.partitions,
     )
     metrics = metrics or Metrics()
-    detector = build_detector(settings)
+    detector = build_detector(settings, startup_model_dir(settings))
     metrics.model_info.labels(detector.version).set(1)
     processor = build_processor(settings, detector, lambda device_id: table.get(device_id.encode()))
+    if settings.shadow_model_dir is not None:
+        shadow = build_detector(settings, settings.shadow_model_dir)
+        processor.set_shadow(shadow)
+        metrics.shadow_info.labels(shadow.version).set(1)
     writer = make_writer(
         settings.influx_version,
         settings.influx_url,
@@ -121,6 +153,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
     )
     comp = Components(app, readings, table, processor, sink, metrics, settings)
     from pipeline.agents import register
+    from pipeline.lag import install_lag_monitor
 
     register(comp)
+    install_lag_monitor(app, metrics.consumer_lag, {settings.readings_topic})
     return comp

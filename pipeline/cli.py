@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -15,9 +17,16 @@ from rich.table import Table
 
 from pipeline.settings import Settings
 
+if TYPE_CHECKING:
+    from models.registry import ModelRegistry
+
 app = typer.Typer(help="iotad: streaming anomaly detection for IoT sensor fleets.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (print JSON with --json).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+model_app = typer.Typer(
+    help="The model registry (IOTAD_REGISTRY_URL): list, inspect, promote, roll back.", no_args_is_help=True
+)
+app.add_typer(model_app, name="model")
 console = Console(stderr=True)
 
 
@@ -54,6 +63,37 @@ def worker(
     comp = create_app(settings)
     comp.metrics.serve(settings.metrics_host, settings.metrics_port)
     faust.Worker(comp.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+
+
+@app.command()
+def alerter(
+    metrics_port: Annotated[int | None, typer.Option(help="Override IOTAD_ALERT_METRICS_PORT")] = None,
+) -> None:
+    """Run the alerter: <prefix>.scores -> alert lifecycles -> <prefix>.alerts -> receivers (see ALERTING.md)."""
+    import os
+
+    import faust
+
+    from pipeline.alert_agents import create_alerter, ensure_topics
+
+    settings = _settings(alert_metrics_port=metrics_port)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    ensure_topics(settings)
+    comp = create_alerter(settings, environ=os.environ)
+    comp.metrics.serve(settings.metrics_host, settings.alert_metrics_port)
+    faust.Worker(comp.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+
+
+@app.command("alerts-redrive")
+def alerts_redrive(
+    receiver: Annotated[str | None, typer.Option(help="Only dead letters of this receiver")] = None,
+    limit: Annotated[int, typer.Option(help="Most dead letters to re-drive")] = 10_000,
+) -> None:
+    """Send dead-lettered alert deliveries (<prefix>.alerts.dlq) back to their receivers via <prefix>.alerts."""
+    from pipeline.alert_agents import redrive
+
+    counts = redrive(_settings(), receiver=receiver, limit=limit)
+    _print_summary("alerts-redrive", dict(counts), False)
 
 
 @app.command()
@@ -193,6 +233,42 @@ def demo(
     _print_summary("iotad demo", summary, as_json)
 
 
+@app.command()
+def evaluate(
+    dataset: Annotated[str, typer.Argument(help="nab or skab")],
+    data: Annotated[Path | None, typer.Option(help="Dataset root (default: /work/shared/datasets/<dataset>)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on the last line")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for the per-series PNGs, the model and a detailed JSON")] = Path(
+        "out/evaluate"
+    ),
+    plots: Annotated[bool, typer.Option(help="Write a PNG per series")] = True,
+    export_nab_results: Annotated[
+        Path | None, typer.Option(help="Write NAB results (DIR/<detector>/<category>/<detector>_<file>.csv)")
+    ] = None,
+    export_skab_results: Annotated[
+        Path | None, typer.Option(help="Write SKAB predictions (DIR/<folder>/<n>.csv: datetime,anomaly,changepoint)")
+    ] = None,
+) -> None:
+    """Score the detector on a public labelled benchmark (NAB or SKAB) through the streaming scoring code."""
+    from bench.evaluate import DEFAULT_NAB, DEFAULT_SKAB, run_nab, run_skab, summary_table
+
+    name = dataset.lower()
+    if name not in ("nab", "skab"):
+        raise typer.BadParameter("dataset must be nab or skab")
+    if name == "nab" and export_skab_results is not None:
+        raise typer.BadParameter("--export-skab-results is for skab")
+    if name == "skab" and export_nab_results is not None:
+        raise typer.BadParameter("--export-nab-results is for nab")
+    log = console.print
+    if name == "nab":
+        summary = run_nab(data or DEFAULT_NAB, out=out, export=export_nab_results, plots=plots, log=log)
+    else:
+        summary = run_skab(data or DEFAULT_SKAB, out=out, export=export_skab_results, plots=plots, log=log)
+    console.print(summary_table(summary))
+    if as_json:
+        print(json.dumps(summary), flush=True)
+
+
 @bench_app.command("throughput")
 def bench_throughput(
     devices: Annotated[str, typer.Option(help="Comma-separated fleet sizes")] = "100,10000",
@@ -219,6 +295,170 @@ def settings_doc(
         out.write_text(text)
     else:
         typer.echo(text)
+
+
+@app.command()
+def retrain(
+    loop: Annotated[bool, typer.Option("--loop/--once", help="Run once and exit (default), or keep running")] = False,
+    interval: Annotated[float | None, typer.Option(help="--loop: seconds between runs (default from settings)")] = None,
+    max_runs: Annotated[int | None, typer.Option(help="--loop: stop after this many runs")] = None,
+    notify: Annotated[bool, typer.Option(help="Publish model-updated on <prefix>.control when promoting")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print each run's report as one JSON line")] = False,
+) -> None:
+    """Retrain on recent InfluxDB history; promote the candidate if it beats the champion (pipeline/retrain.py)."""
+    from pipeline.retrain import exit_code, run_loop, run_once
+
+    settings = _settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def show(report: dict[str, object]) -> None:
+        keys = ("decision", "reason", "version", "report", "promoted", "notified", "seconds")
+        _print_summary("iotad retrain", {k: report.get(k) for k in keys}, False)
+        if as_json:
+            print(json.dumps(report, sort_keys=True, default=str), flush=True)
+
+    if not loop:
+        report = run_once(settings, notify=notify)
+        show(report)
+        raise typer.Exit(exit_code(report))
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    with contextlib.suppress(KeyboardInterrupt):
+        run_loop(
+            settings,
+            interval_s=interval if interval is not None else settings.retrain_interval_s,
+            max_runs=max_runs,
+            should_stop=lambda: stop["now"],
+            on_report=show,
+        )
+
+
+def _registry(settings: Settings) -> ModelRegistry:
+    from models.registry import open_registry
+
+    return open_registry(settings.registry)
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _registry_call(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """Call a registry method; its expected errors become a message and exit code 1."""
+    from models.artifact import ArtifactError
+    from models.registry import RegistryError
+
+    try:
+        return fn(*args, **kwargs)
+    except (RegistryError, ArtifactError, OSError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
+
+
+def _announce(settings: Settings, registry: ModelRegistry, version: str, previous: str | None) -> None:
+    """Publish model-updated for a champion changed by hand; exit 2 if it cannot be sent."""
+    from pipeline import control
+
+    local = registry.local_path(version)
+    message = control.model_updated(
+        version,
+        registry.url,
+        sha256=registry.info(version).sha256,
+        previous=previous,
+        path=None if local is None else str(local),
+    )
+    try:
+        control.publish(settings.kafka_bootstrap, settings.control_topic, message)
+    except Exception as exc:
+        console.print(
+            f"[yellow]the registry is updated, but {control.MODEL_UPDATED} could not be published on "
+            f"{settings.control_topic} ({exc}); workers see it when they next read the registry[/]"
+        )
+        raise typer.Exit(2) from exc
+    console.print(f"published {control.MODEL_UPDATED} {version} on {settings.control_topic}")
+
+
+def _fmt_metric(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+@model_app.command("list")
+def model_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Registered versions: stage, registration time, weights hash, validation metrics."""
+    settings = _settings()
+    registry = _registry(settings)
+    infos = _registry_call(registry.list)
+    if as_json:
+        print(json.dumps([i.to_dict() for i in infos]), flush=True)
+        return
+    table = Table(title=f"model registry {registry.url}")
+    table.add_column("version", overflow="fold")
+    for col in ("stage", "registered", "sha256"):
+        table.add_column(col, no_wrap=True)
+    for col in ("val_mse", "test_mse", "eval_mse"):
+        table.add_column(col, justify="right")
+    for i in infos:
+        style = "bold green" if i.stage == "champion" else ("dim" if i.stage == "retired" else None)
+        table.add_row(
+            i.version,
+            i.stage,
+            i.registered_at[:19].replace("T", " "),
+            i.sha256[:12],
+            *(_fmt_metric(i.metrics.get(k)) for k in ("val_mse", "test_mse", "eval_mse")),
+            style=style,
+        )
+    Console().print(table)
+    orphans = _registry_call(registry.orphans)
+    if orphans:
+        console.print(f"[yellow]unreferenced version directories (an interrupted register):[/] {', '.join(orphans)}")
+
+
+@model_app.command("show")
+def model_show(version: Annotated[str, typer.Argument(help="Version label")]) -> None:
+    """One version as JSON: its registry entry and its artifact metadata."""
+    registry = _registry(_settings())
+    print(json.dumps(_registry_call(registry.show, version), indent=2, sort_keys=True, default=str), flush=True)
+
+
+@model_app.command("register")
+def model_register(
+    directory: Annotated[Path, typer.Argument(help="Artifact directory (model.safetensors + model.json)")],
+) -> None:
+    """Verify an artifact and copy it into the registry as a candidate; prints its version."""
+    registry = _registry(_settings())
+    version = _registry_call(registry.register, directory)
+    console.print(f"registered {version} in {registry.url} (stage candidate)")
+    print(version, flush=True)
+
+
+@model_app.command("promote")
+def model_promote(
+    version: Annotated[str, typer.Argument(help="Version label")],
+    notify: Annotated[bool, typer.Option(help="Publish model-updated on <prefix>.control")] = True,
+    reason: Annotated[str, typer.Option(help="Recorded in the registry history")] = "manual",
+) -> None:
+    """Make VERSION the champion (the previous champion is retired)."""
+    settings = _settings()
+    registry = _registry(settings)
+    previous = _registry_call(registry.promote, version, reason=reason)
+    console.print(f"champion: {version} (was {previous})")
+    if notify and previous != version:
+        _announce(settings, registry, version, previous)
+
+
+@model_app.command("rollback")
+def model_rollback(
+    notify: Annotated[bool, typer.Option(help="Publish model-updated on <prefix>.control")] = True,
+    reason: Annotated[str, typer.Option(help="Recorded in the registry history")] = "manual",
+) -> None:
+    """Retire the champion and bring the previous one back."""
+    settings = _settings()
+    registry = _registry(settings)
+    current = _registry_call(registry.champion)
+    restored = _registry_call(registry.rollback, reason=reason)
+    console.print(f"champion: {restored} (rolled back from {current})")
+    if notify:
+        _announce(settings, registry, restored, current)
 
 
 def main() -> None:

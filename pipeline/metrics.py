@@ -47,6 +47,53 @@ class Metrics:
         self.devices = Gauge("iotad_devices_tracked", "Devices with state in this worker", registry=r)
         self.assigned = Gauge("iotad_assigned_partitions", "Readings partitions assigned to this worker", registry=r)
         self.model_info = Gauge("iotad_model_info", "Model version being served (value 1)", ["version"], registry=r)
+        self.shadow_info = Gauge(
+            "iotad_shadow_model_info", "Shadow model being compared (value 1)", ["version"], registry=r
+        )
+        self.model_swaps = Counter("iotad_model_swaps", "Champion models swapped in without a restart", registry=r)
+        self.model_load_failures = Counter(
+            "iotad_model_load_failures",
+            "Artifacts refused (corrupt, wrong features); the old model kept serving",
+            registry=r,
+        )
+        self.rewarmed = Counter(
+            "iotad_rewarmed_devices", "Device states re-warmed from history for a new model", registry=r
+        )
+        self.rewarm_seconds = Histogram(
+            "iotad_rewarm_seconds", "Re-warming time within a micro-batch", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.consumer_lag = Gauge(
+            "iotad_consumer_lag",
+            "Messages behind the partition's high watermark (committed offset), per consumed partition",
+            ["topic", "partition"],
+            registry=r,
+        )
+        # Alerter (`iotad alerter`, pipeline/alert_agents.py)
+        self.alerts_opened = Counter("iotad_alerts_opened", "Alerts opened", ["kind", "severity"], registry=r)
+        self.alerts_resolved = Counter("iotad_alerts_resolved", "Alerts resolved", ["kind"], registry=r)
+        self.alerts_suppressed = Counter(
+            "iotad_alerts_suppressed", "Alert events withheld from receivers by the storm guard", registry=r
+        )
+        self.alerts_firing = Gauge("iotad_alerts_firing", "Device alerts open in this alerter", registry=r)
+        self.alert_storm = Gauge(
+            "iotad_alert_storm_active", "1 while an alert storm is active in the scope", ["scope"], registry=r
+        )
+        self.alert_deliveries = Counter(
+            "iotad_alert_deliveries",
+            "Alert deliveries by receiver and outcome (ok, failed = dead-lettered)",
+            ["receiver", "outcome"],
+            registry=r,
+        )
+        self.alert_retries = Counter("iotad_alert_delivery_retries", "Delivery retries", ["receiver"], registry=r)
+        self.alert_dead_letters = Counter(
+            "iotad_alert_dead_letters", "Records sent to <prefix>.alerts.dlq", ["reason"], registry=r
+        )
+        self.alert_latency = Histogram(
+            "iotad_alert_delivery_latency_seconds",
+            "Alert written to the outbox to accepted by a receiver",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def serve(self, host: str, port: int) -> None:
         if port:

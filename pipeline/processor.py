@@ -8,10 +8,19 @@ Exactly-once state: every device remembers the (partition, offset) of the last m
 it. After a crash the worker restores the device's checkpoint and re-consumes from the last
 committed offset; messages at or below the remembered offset are skipped (counted ``replayed``),
 so no reading advances a device's state twice.
+
+Model swaps: recurrent state belongs to a model version. Every device keeps a bounded ring of its
+recent resampled inputs; after :meth:`Processor.swap` (or when a checkpoint from another version is
+restored) a device is *stale*, and before its next step it is re-warmed by running the new model over
+that history — batched with the other stale devices of the same micro-batch — so the fleet does not
+fall back to warm-up. A batch is always scored by one model. A *shadow* detector (a candidate) can run
+beside the champion on the same steps; its scores go to ``shadow_scores`` only.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -39,6 +48,7 @@ class Inbound:
 @dataclass
 class BatchResult:
     scores: list[ScoreRecord] = field(default_factory=list)
+    shadow_scores: list[ScoreRecord] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     dirty: set[str] = field(default_factory=set)
     readings: int = 0
@@ -47,6 +57,8 @@ class BatchResult:
     imputed: int = 0
     resets: int = 0
     waves: int = 0
+    rewarmed: int = 0
+    rewarm_s: float = 0.0
 
 
 class _Checkpoint(msgspec.Struct, array_like=True):
@@ -54,6 +66,7 @@ class _Checkpoint(msgspec.Struct, array_like=True):
     last_offset: int
     window: DeviceWindow
     detector: bytes | None
+    history: bytes = b""  # float32 (n, F): recent resampled inputs, oldest first
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -62,9 +75,11 @@ _dec = msgspec.msgpack.Decoder(_Checkpoint)
 
 @dataclass
 class _Device:
+    history: deque[tuple[float, ...]]
     partition: int = -1
     last_offset: int = -1
     window: DeviceWindow = field(default_factory=DeviceWindow)
+    stale: bool = False  # its recurrent state is not (yet) from the current model
 
 
 StateSource = Callable[[str], bytes | None]
@@ -77,8 +92,13 @@ class Processor:
         window: WindowConfig,
         limits: Limits,
         state_source: StateSource | None = None,
+        *,
+        history_steps: int = 48,
     ) -> None:
         self.detector = detector
+        self.shadow: Detector | None = None
+        self._shadow_warm: set[str] = set()
+        self.history_steps = history_steps
         self.window = window
         self.limits = limits
         self.sensors = tuple(limits.sensors)
@@ -90,16 +110,30 @@ class Processor:
         d = self.devices.get(device_id)
         if d is not None:
             return d
-        d = _Device()
+        d = _Device(deque(maxlen=self.history_steps))
         self.devices[device_id] = d
         self.detector.slot(device_id)
         blob = self.state_source(device_id) if self.state_source else None
         if blob:
             cp = _dec.decode(blob)
             d.partition, d.last_offset, d.window = cp.partition, cp.last_offset, cp.window
-            if cp.detector is not None:
-                self.detector.restore(device_id, cp.detector)
+            n = len(self.sensors)
+            rows = np.frombuffer(cp.history, np.float32).reshape(-1, n) if cp.history else np.zeros((0, n))
+            d.history.extend(tuple(r) for r in rows.astype(np.float64).tolist())
+            restored = cp.detector is not None and self.detector.restore(device_id, cp.detector)
+            d.stale = not restored and bool(d.history)
         return d
+
+    def swap(self, detector: Detector) -> None:
+        """Serve ``detector`` from the next step on; every known device is re-warmed lazily."""
+        self.detector = detector
+        for d in self.devices.values():
+            d.stale = True
+
+    def set_shadow(self, detector: Detector | None) -> None:
+        """Run ``detector`` beside the champion (``None`` stops it); it warms from device history."""
+        self.shadow = detector
+        self._shadow_warm.clear()
 
     def checkpoint(self, device_ids: Iterable[str]) -> dict[str, tuple[int, bytes]]:
         """``device -> (partition, serialised state)`` for the changelog."""
@@ -107,7 +141,9 @@ class Processor:
         for dev in device_ids:
             d = self.devices.get(dev)
             if d is not None:
-                blob = _enc.encode(_Checkpoint(d.partition, d.last_offset, d.window, self.detector.export(dev)))
+                history = np.asarray(d.history, np.float32).tobytes() if d.history else b""
+                state = None if d.stale else self.detector.export(dev)
+                blob = _enc.encode(_Checkpoint(d.partition, d.last_offset, d.window, state, history))
                 out[dev] = (d.partition, blob)
         return out
 
@@ -118,6 +154,9 @@ class Processor:
         for k in gone:
             del self.devices[k]
             self.detector.release(k)
+            if self.shadow is not None:
+                self.shadow.release(k)
+                self._shadow_warm.discard(k)
         return len(gone)
 
     # -- processing ----------------------------------------------------------------------------------
@@ -168,41 +207,89 @@ class Processor:
         self._run(pending, res)
         return res
 
+    def _rewarm(self, detector: Detector, devices: list[str]) -> None:
+        """Fresh state for ``devices`` in ``detector``, then their history through it (batched waves)."""
+        slots = np.array([detector.slot(d) for d in devices], np.int64)
+        detector.reset(slots)
+        history = {d: list(h) for d in devices if (h := self.devices[d].history)}
+        depth = 0
+        while history:
+            devs = list(history)
+            x = np.array([history[d][depth] for d in devs], np.float64)
+            detector.step(np.fromiter((detector.slots[d] for d in devs), np.int64, len(devs)), x)
+            depth += 1
+            history = {d: h for d, h in history.items() if len(h) > depth}
+
+    def _prepare(self, pending: dict[str, list[Step]], res: BatchResult) -> None:
+        t = time.perf_counter()
+        stale = [d for d in pending if self.devices[d].stale]
+        if stale:
+            self._rewarm(self.detector, stale)
+            for d in stale:
+                self.devices[d].stale = False
+            res.rewarmed += len(stale)
+        if self.shadow is not None:
+            cold = [d for d in pending if d not in self._shadow_warm]
+            if cold:
+                self._rewarm(self.shadow, cold)
+                self._shadow_warm.update(cold)
+        res.rewarm_s += time.perf_counter() - t
+
     def _run(self, pending: dict[str, list[Step]], res: BatchResult) -> None:
         """Step every device through its pending steps, in ordered waves of distinct devices."""
+        if not pending:
+            return
+        self._prepare(pending, res)
         depth = 0
         while pending:
             devs = list(pending)
             wave = [pending[d][depth] for d in devs]
-            slots = np.fromiter((self.detector.slots[d] for d in devs), np.int64, len(devs))
-            resets = np.array([s.reset for s in wave])
-            if resets.any():
-                self.detector.reset(slots[resets])
-                res.resets += int(resets.sum())
             x = np.array([s.values for s in wave], np.float64)
             observed = np.array([s.observed for s in wave])
-            out = self.detector.step(slots, x, observed)
+            resets = np.array([s.reset for s in wave])
+            res.resets += int(resets.sum())
+            res.scores.extend(self._step(self.detector, devs, wave, x, observed, resets))
+            if self.shadow is not None:
+                res.shadow_scores.extend(self._step(self.shadow, devs, wave, x, observed, resets))
+            for dev, st in zip(devs, wave, strict=True):
+                self.devices[dev].history.append(st.values)
+            res.imputed += int((~observed).sum())
             res.waves += 1
-            version = self.detector.version
-            for i, (dev, st) in enumerate(zip(devs, wave, strict=True)):
-                if not st.observed:
-                    res.imputed += 1
-                    continue
-                has_score = not np.isnan(out.score[i])
-                res.scores.append(
-                    ScoreRecord(
-                        device_id=dev,
-                        ts_ms=st.ts_ms,
-                        status=Status.OK if out.warm[i] else Status.WARMING_UP,
-                        score=float(out.score[i]) if has_score else None,
-                        threshold=float(out.threshold[i]),
-                        is_anomaly=bool(out.is_anomaly[i]),
-                        top_sensor=self.sensors[out.top[i]] if has_score else None,
-                        values=st.values,
-                        forecast=tuple(out.forecast[i].tolist()) if has_score else None,
-                        model_version=version,
-                        n_readings=st.n_readings,
-                    )
-                )
             depth += 1
             pending = {d: s for d, s in pending.items() if len(s) > depth}
+
+    def _step(
+        self,
+        detector: Detector,
+        devs: list[str],
+        wave: list[Step],
+        x: np.ndarray,
+        observed: np.ndarray,
+        resets: np.ndarray,
+    ) -> list[ScoreRecord]:
+        slots = np.fromiter((detector.slots[d] for d in devs), np.int64, len(devs))
+        if resets.any():
+            detector.reset(slots[resets])
+        out = detector.step(slots, x, observed)
+        version = detector.version
+        records = []
+        for i, (dev, st) in enumerate(zip(devs, wave, strict=True)):
+            if not st.observed:
+                continue
+            has_score = not np.isnan(out.score[i])
+            records.append(
+                ScoreRecord(
+                    device_id=dev,
+                    ts_ms=st.ts_ms,
+                    status=Status.OK if out.warm[i] else Status.WARMING_UP,
+                    score=float(out.score[i]) if has_score else None,
+                    threshold=float(out.threshold[i]),
+                    is_anomaly=bool(out.is_anomaly[i]),
+                    top_sensor=self.sensors[out.top[i]] if has_score else None,
+                    values=st.values,
+                    forecast=tuple(out.forecast[i].tolist()) if has_score else None,
+                    model_version=version,
+                    n_readings=st.n_readings,
+                )
+            )
+        return records

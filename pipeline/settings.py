@@ -42,13 +42,19 @@ class Settings(BaseSettings):
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Directory holding the model artifact")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device; auto = cuda if present")
     warmup_steps: int = Field(30, description="Steps a device is 'warming_up' before it can be flagged")
-    threshold_method: Literal["static", "adaptive"] = Field("static", description="Thresholding method")
+    threshold_method: Literal["static", "adaptive", "likelihood"] = Field("static", description="Thresholding method")
     threshold: float = Field(5.0, description="Static threshold on the normalised score")
+    likelihood_threshold: float = Field(
+        0.5, description="likelihood method: bound on the log anomaly likelihood (0.5 = tail probability 1e-5)"
+    )
     adaptive_quantile: float = Field(0.999, description="Quantile tracked by the adaptive threshold")
     adaptive_margin: float = Field(1.5, description="Adaptive threshold = margin x tracked quantile")
     learn_from_anomalies: bool = Field(False, description="Let flagged steps update the error statistics")
     error_halflife_steps: float = Field(200.0, description="Half-life of the per-device error statistics")
     burnin_steps: int = Field(5, description="Forecasts right after a (re)start of a device's state not learnt from")
+
+    history_steps: int = Field(48, ge=0, description="Recent steps kept per device to re-warm a new model's state")
+    shadow_model_dir: Path | None = Field(None, description="A candidate artifact scored beside the champion")
 
     # InfluxDB
     influx_url: str = Field("http://127.0.0.1:8086", description="InfluxDB base URL")
@@ -66,6 +72,62 @@ class Settings(BaseSettings):
     # Local stack
     data_dir: Path = Field(Path(".iotad"), description="Where the local stack keeps its data and logs")
 
+    # Model registry and retraining (`iotad model ...`, `iotad retrain`; see models/registry.py)
+    registry_url: str = Field(
+        "",
+        description="Model registry: a local directory or an fsspec URL (s3://bucket/prefix); '' = <data_dir>/registry",
+    )
+    control_topic_suffix: str = Field(
+        "control", description="Control topic <prefix>.<suffix>: model-updated and retrain-request messages"
+    )
+    retrain_history_hours: float = Field(24.0, gt=0, description="Retraining reads this many hours of scored steps")
+    retrain_margin: float = Field(
+        0.02, ge=0, lt=1, description="Promote only if candidate MSE <= champion MSE x (1 - margin)"
+    )
+    retrain_min_points: int = Field(2000, ge=1, description="Fewer usable points in the window: no retraining")
+    retrain_min_device_points: int = Field(
+        100, ge=20, description="Contiguous runs shorter than this many steps are left out of retraining"
+    )
+    retrain_max_devices: int = Field(100, ge=1, description="Retrain on at most this many devices (most data first)")
+    retrain_interval_s: float = Field(3600.0, gt=0, description="Seconds between runs of `iotad retrain --loop`")
+    retrain_max_epochs: int = Field(30, ge=1, description="Training epochs at most (early stopping may end sooner)")
+    retrain_max_batches: int = Field(200, ge=0, description="Optimiser steps per epoch at most (0 = no cap)")
+    retrain_seed: int = Field(0, description="Seed of the retraining run (same data + seed = same weights)")
+
+    # Alerting (`iotad alerter`; see ALERTING.md)
+    alert_app_id: str = Field("iotad-alerter", description="Faust app id = consumer group of the alerter")
+    alert_metrics_port: int = Field(9465, description="Prometheus metrics port of the alerter (0 = off)")
+    alert_open_steps: int = Field(3, ge=1, description="Consecutive anomalous steps that open an alert")
+    alert_resolve_steps: int = Field(5, ge=1, description="Consecutive normal steps that resolve an open alert")
+    alert_cooldown_ms: int = Field(
+        60_000, ge=0, description="After a resolve, no new alert for the device for this long"
+    )
+    alert_severity_bands: str = Field(
+        "critical:3,major:2,warning:1", description="Severity by peak score/threshold ratio: name:min_ratio,..."
+    )
+    alert_top_sensors: int = Field(3, ge=1, description="Top contributing sensors listed in an alert")
+    alert_grafana_url: str = Field(
+        "",
+        description="Link template: {device} {group} {dedup_key} {from_ms} {to_ms}, e.g. "
+        "http://grafana:3000/d/iotad-device/device?var-device={device}&from={from_ms}&to={to_ms}",
+    )
+    alert_group_pattern: str = Field(
+        "", description="Regex giving a device's group from its id (named group 'group' or group 1); '' = one group"
+    )
+    alert_storm_share: float = Field(
+        0.2, ge=0, le=1, description="Storm when more than this share of active devices alerts (0 = off)"
+    )
+    alert_storm_clear_share: float = Field(-1.0, description="Storm ends at or below this share (-1 = half the start)")
+    alert_storm_min_devices: int = Field(5, ge=1, description="Devices with open alerts needed for a storm")
+    alert_storm_window_ms: int = Field(60_000, gt=0, description="A device is active if scored within this window")
+    alert_storm_sample: int = Field(20, ge=0, description="Devices listed in a storm alert")
+    alert_routes: str = Field("", description="Receivers and routes file (YAML or JSON); '' = no delivery")
+    alert_timeout_s: float = Field(10.0, gt=0, description="HTTP timeout of one delivery attempt")
+    alert_retry_max_attempts: int = Field(8, ge=1, description="Delivery attempts before dead-lettering")
+    alert_retry_base_s: float = Field(0.5, gt=0, description="First retry delay ceiling (full jitter, doubling)")
+    alert_retry_max_delay_s: float = Field(30.0, gt=0, description="Largest retry delay (and Retry-After honoured)")
+    alert_retry_budget_s: float = Field(120.0, gt=0, description="Longest time one delivery may spend retrying")
+
     @property
     def readings_topic(self) -> str:
         return f"{self.topic_prefix}.readings"
@@ -77,3 +139,20 @@ class Settings(BaseSettings):
     @property
     def dlq_topic(self) -> str:
         return f"{self.topic_prefix}.dlq"
+
+    @property
+    def registry(self) -> str:
+        """The effective registry location."""
+        return self.registry_url or str(self.data_dir / "registry")
+
+    @property
+    def control_topic(self) -> str:
+        return f"{self.topic_prefix}.{self.control_topic_suffix}"
+
+    @property
+    def alerts_topic(self) -> str:
+        return f"{self.topic_prefix}.alerts"
+
+    @property
+    def alerts_dlq_topic(self) -> str:
+        return f"{self.topic_prefix}.alerts.dlq"

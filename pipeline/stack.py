@@ -33,11 +33,12 @@ def metric_value(text: str, name: str) -> float:
 
 @dataclass
 class WorkerProcess:
-    """One ``iotad worker`` child process with its own metrics port and log file."""
+    """One ``iotad worker`` (or ``iotad alerter``, see ``command``) child process with its own metrics port and log."""
 
     env: dict[str, str]
     log_path: Path
     metrics_port: int = field(default_factory=free_port)
+    command: str = "worker"
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
@@ -45,7 +46,7 @@ class WorkerProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         env = {**self.env, "IOTAD_METRICS_PORT": str(self.metrics_port), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker"],
+            [sys.executable, "-m", "pipeline.cli", self.command, "--metrics-port", str(self.metrics_port)],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -100,8 +101,10 @@ class PipelineStack:
 
     settings: Settings
     workers: int = 1
+    alerters: int = 0
     stack: LocalStack | None = None
     procs: list[WorkerProcess] = field(default_factory=list)
+    alerter_procs: list[WorkerProcess] = field(default_factory=list)
     run_dir: Path | None = None
 
     def start(self, *, wait: bool = True) -> Self:
@@ -112,12 +115,16 @@ class PipelineStack:
             s = self.settings
             create_topics(
                 self.stack.bootstrap,
-                {s.readings_topic: s.partitions, s.scores_topic: s.partitions, s.dlq_topic: 1},
+                {s.readings_topic: s.partitions, s.scores_topic: s.partitions, s.dlq_topic: 1, s.control_topic: 1},
             )
+            if self.alerters:
+                create_topics(self.stack.bootstrap, {s.alerts_topic: 1, s.alerts_dlq_topic: 1})
             for _ in range(self.workers):
                 self.add_worker(wait=False)
+            for _ in range(self.alerters):
+                self.add_alerter(wait=False)
             if wait:
-                for w in self.procs:
+                for w in [*self.procs, *self.alerter_procs]:
                     w.wait_ready()
         except BaseException:
             self.stop()
@@ -132,7 +139,7 @@ class PipelineStack:
             {
                 f"IOTAD_{name.upper()}": str(getattr(s, name))
                 for name in Settings.model_fields
-                if name not in ("kafka_bootstrap", "influx_url", "influx_version")
+                if name not in ("kafka_bootstrap", "influx_url", "influx_version") and getattr(s, name) is not None
             }
         )
         env.update(
@@ -151,6 +158,16 @@ class PipelineStack:
             w.wait_ready()
         return w
 
+    def add_alerter(self, *, wait: bool = True) -> WorkerProcess:
+        """Start an ``iotad alerter`` process (ALERTING.md) with this stack's settings."""
+        assert self.run_dir is not None
+        log_path = self.run_dir / f"alerter-{len(self.alerter_procs)}.log"
+        w = WorkerProcess(self.worker_env(), log_path, command="alerter").start()
+        self.alerter_procs.append(w)
+        if wait:
+            w.wait_ready()
+        return w
+
     @property
     def bootstrap(self) -> str:
         assert self.stack is not None
@@ -165,7 +182,7 @@ class PipelineStack:
         return sum(w.metric(metric) for w in self.procs if w.proc and w.proc.poll() is None)
 
     def stop(self) -> None:
-        for w in self.procs:
+        for w in [*self.alerter_procs, *self.procs]:
             w.stop()
         if self.stack is not None:
             self.stack.stop()

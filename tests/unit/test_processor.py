@@ -484,3 +484,46 @@ def test_offsets_are_remembered_per_device(artifact):
     old = Inbound(m.key, m.value, m.topic, m.partition, 0)
     res = proc.process([old], T0 + 3 * STEP)
     assert res.replayed == 1 and res.scores == []
+
+
+def _artifact(version: str, seed: int) -> Artifact:
+    torch.manual_seed(seed)
+    model = Forecaster(ForecasterConfig(n_features=3, hidden=16, layers=2)).eval()
+    return Artifact(model, FEATURES, Normaliser(MEAN, STD), version=version)
+
+
+def _detector(art: Artifact) -> Detector:
+    return Detector(
+        art,
+        ScoringConfig(warmup_steps=WARMUP, halflife_steps=20.0, burnin_steps=BURNIN),
+        AdaptiveThreshold(quantile=0.95, margin=1.3, floor=3.0, rate=0.2),
+        capacity=8,
+    )
+
+
+def test_swap_rewarms_from_history_and_a_shadow_runs_beside(artifact):
+    """After a swap every known device continues warm (state rebuilt from its history ring) and a new
+    device simply starts; a shadow scores the same steps and does not change the champion's scores."""
+    new, cand = _artifact("t2", 7), _artifact("s1", 3)
+    fleet = Fleet(4)
+    proc = make_processor(artifact)
+    twin = make_processor(artifact)
+    for t in range(30):
+        batch = fleet.batch(t)
+        proc.process(batch, T0 + t * STEP)
+        twin.process(batch, T0 + t * STEP)
+    proc.swap(_detector(new))
+    proc.set_shadow(_detector(cand))
+    twin.swap(_detector(new))
+    fleet.devices.append("dev-4")
+    for t in range(30, 33):
+        batch = fleet.batch(t)
+        res = proc.process(batch, T0 + t * STEP)
+        ref = twin.process(batch, T0 + t * STEP)
+        assert_same_scores(res.scores, ref.scores)  # the shadow never touches the champion
+        assert {r.model_version for r in res.scores} == {"t2"}
+        assert {r.model_version for r in res.shadow_scores} == {"s1"}
+        assert len(res.shadow_scores) == len(res.scores) == 5
+        assert res.rewarmed == (4 if t == 30 else 0)
+        assert all(r.status == Status.OK for r in res.scores if r.device_id != "dev-4")
+        assert all(r.status == Status.WARMING_UP for r in res.scores if r.device_id == "dev-4")
