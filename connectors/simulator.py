@@ -567,6 +567,12 @@ class FleetSimulator:
             mask[ti, dv, sn] = True
         p.keep(p.end > t1)  # forget finished ones
 
+    def scale_noise(self, factor: float) -> None:
+        """Fleet-wide drift from the next step on: every sensor's noise std times ``factor`` (unlabelled;
+        this is a change of regime, not an anomaly)."""
+        self.noise_std = self.noise_std * factor
+        self._innov = self._innov * factor
+
     def step_arrays(self) -> tuple[int, np.ndarray, np.ndarray]:
         """The next step as arrays: ``(ts_ms, values (n_devices, n_sensors), anomaly_mask)``."""
         s = self._advance(1)

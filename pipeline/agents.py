@@ -21,12 +21,16 @@ from pathlib import Path
 from typing import Any, cast
 
 import faust
+import numpy as np
 from faust.types import TP, EventT, StreamT
 
 from models.artifact import ArtifactError
 from models.detector import Detector
+from models.drift import DriftMonitor
+from models.scoring import Status
 from pipeline import control as ctl
 from pipeline.app import Components, build_detector, fetch_version
+from pipeline.groups import device_grouper
 from pipeline.processor import BatchResult, Inbound
 from pipeline.records import score_json, score_line
 
@@ -41,6 +45,18 @@ class ScoringService:
         self.sensors = comp.processor.sensors
         s = comp.settings
         self.scores_topic, self.dlq_topic, self.measurement = s.scores_topic, s.dlq_topic, s.influx_measurement
+        self.drift = (
+            DriftMonitor(
+                reference=s.drift_reference,
+                window=s.drift_window,
+                check_every=max(1, s.drift_window // 4),
+                bound=s.drift_bound,
+                min_interval_s=s.drift_min_interval_s,
+            )
+            if s.drift_bound > 0
+            else None
+        )
+        self.group_of = device_grouper(s.device_group_pattern)
         self._next_champion: Detector | None = None
         self._next_shadow: tuple[Detector | None] | None = None  # (None,) = stop the shadow
 
@@ -95,6 +111,8 @@ class ScoringService:
             m.model_info.remove(old)
             m.model_info.labels(proc.detector.version).set(1)
             m.model_swaps.inc()
+            if self.drift is not None:
+                self.drift.reset()
             log.info("model %s -> %s (device states re-warm from history)", old, proc.detector.version)
         if self._next_shadow is not None:
             (shadow,) = self._next_shadow
@@ -141,6 +159,8 @@ class ScoringService:
                 m.latency.observe(max(0.0, now - r.ts_ms / 1000))
             m.scored.inc(len(res.scores))
             m.anomalies.inc(sum(r.is_anomaly for r in res.scores))
+        if self.drift is not None and res.scores:
+            await self._watch_drift(res)
         if res.shadow_scores:
             # Shadow scores only go to their own measurement: never to the scores topic or alerts.
             shadow_measurement = f"{self.measurement}_shadow"
@@ -158,6 +178,31 @@ class ScoringService:
             m.rewarmed.inc(res.rewarmed)
             m.rewarm_seconds.observe(res.rewarm_s)
         m.devices.set(len(self.c.processor.devices))
+
+    async def _watch_drift(self, res: BatchResult) -> None:
+        """Feed the forecaster's errors (normalised units) per device group; publish a retrain request
+        on the control topic when their distribution drifts (rate-limited per group)."""
+        assert self.drift is not None
+        rows = [r for r in res.scores if r.forecast is not None and r.status == Status.OK]
+        if not rows:
+            return
+        std = self.c.processor.detector.artifact.normaliser.std
+        err = np.abs(np.array([r.values for r in rows]) - np.array([r.forecast for r in rows])) / std
+        per_row = err.mean(axis=1)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(self.group_of(r.device_id), []).append(i)
+        for group, idx in groups.items():
+            value = self.drift.update(group, per_row[idx])
+            self.c.metrics.drift_psi.labels(group).set(self.drift.groups[group].last_psi)
+            if value is not None:
+                reason = f"forecast-error drift in device group {group!r}: PSI {value:.3f} > {self.drift.bound}"
+                log.warning("%s: requesting a retrain", reason)
+                message = ctl.encode(ctl.retrain_request(reason))
+                await self.c.app.producer.send(
+                    self.c.settings.control_topic, b"retrain-request", message, 0, None, None
+                )
+                self.c.metrics.retrain_requests.labels(group).inc()
 
     async def _checkpoint(self, devices: set[str]) -> None:
         """Write the touched devices' state to the table's changelog, then close it with markers.

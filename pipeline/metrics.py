@@ -59,6 +59,12 @@ class Metrics:
         self.rewarmed = Counter(
             "iotad_rewarmed_devices", "Device states re-warmed from history for a new model", registry=r
         )
+        self.drift_psi = Gauge(
+            "iotad_drift_psi", "Last PSI of the forecast errors vs the reference", ["group"], registry=r
+        )
+        self.retrain_requests = Counter(
+            "iotad_retrain_requests", "Retrain requests published on drift", ["group"], registry=r
+        )
         self.rewarm_seconds = Histogram(
             "iotad_rewarm_seconds", "Re-warming time within a micro-batch", buckets=_LATENCY_BUCKETS, registry=r
         )

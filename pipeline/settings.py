@@ -56,6 +56,18 @@ class Settings(BaseSettings):
     history_steps: int = Field(48, ge=0, description="Recent steps kept per device to re-warm a new model's state")
     shadow_model_dir: Path | None = Field(None, description="A candidate artifact scored beside the champion")
 
+    drift_bound: float = Field(
+        0.25, ge=0, description="PSI of the forecast-error distribution that requests a retrain (0 = off)"
+    )
+    drift_reference: int = Field(2000, ge=10, description="Errors per device group forming the drift reference")
+    drift_window: int = Field(2000, ge=10, description="Recent errors per group compared with the reference")
+    drift_min_interval_s: float = Field(
+        3600.0, ge=0, description="At most one drift retrain request per group per interval"
+    )
+    device_group_pattern: str = Field(
+        "", description="Regex giving a device's group from its id (drift); '' = one group"
+    )
+
     # InfluxDB
     influx_url: str = Field("http://127.0.0.1:8086", description="InfluxDB base URL")
     influx_version: int = Field(1, ge=1, le=2, description="1 = v1 /write API; 2 = v2/v3 API via influxdb-client")
