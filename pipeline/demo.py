@@ -160,6 +160,9 @@ def plot_devices(scores: list[dict[str, Any]], anomalies: list[Anomaly], path: P
         score = np.array([np.nan if s["score"] is None else s["score"] for s in rows])
         row[1].plot(t, score, lw=1, color="tab:blue", label="score")
         row[1].plot(t, [s["threshold"] for s in rows], lw=1, color="tab:red", ls="--", label="threshold")
+        warming = [i for i, s in enumerate(rows) if s["status"] == "warming_up"]
+        if warming:
+            row[1].axvspan(t[0], t[warming[-1]], color="grey", alpha=0.15, label="warming up")
         flagged = [i for i, s in enumerate(rows) if s["is_anomaly"]]
         row[1].scatter(t[flagged], score[flagged], color="tab:red", s=14, zorder=3, label="flagged")
         for a in anomalies:
