@@ -42,21 +42,20 @@ from __future__ import annotations
 
 import heapq
 import math
-import re
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 import msgspec
 
 from connectors.alert_delivery import SEVERITIES, severity_rank
+from pipeline.groups import device_grouper
 from pipeline.settings import Settings
 
 SCHEMA_VERSION = 1
 STORM_KEY = b"\x00storms"
 FLEET = "fleet"
-DEFAULT_GROUP = "default"
 
 
 class Phase(StrEnum):
@@ -201,7 +200,7 @@ class AlertPolicy:
     storm_window_ms: int = 60_000
     storm_sample: int = 20
     key_prefix: str = "iotad"
-    _group_re: re.Pattern[str] | None = field(init=False, repr=False, compare=False, default=None)
+    _grouper: Callable[[str], str] = field(init=False, repr=False, compare=False, default=device_grouper(""))
 
     def __post_init__(self) -> None:
         if self.open_steps < 1 or self.resolve_steps < 1:
@@ -210,7 +209,7 @@ class AlertPolicy:
             raise ValueError("cooldown_ms must be >= 0 and storm_window_ms > 0")
         if not 0.0 <= self.storm_share <= 1.0:
             raise ValueError("storm_share must be within [0, 1] (0 = storm guard off)")
-        object.__setattr__(self, "_group_re", re.compile(self.group_pattern) if self.group_pattern else None)
+        object.__setattr__(self, "_grouper", device_grouper(self.group_pattern))
 
     @property
     def clear_share(self) -> float:
@@ -221,19 +220,8 @@ class AlertPolicy:
         return self.storm_share > 0
 
     def group_of(self, device_id: str) -> str:
-        """The device's group: the regex's named group ``group``, else its first group, else the match."""
-        if self._group_re is None:
-            return DEFAULT_GROUP
-        m = self._group_re.search(device_id)
-        if m is None:
-            return DEFAULT_GROUP
-        if "group" in m.re.groupindex:
-            value = m.group("group")
-        elif m.re.groups:
-            value = m.group(1)
-        else:
-            value = m.group(0)
-        return value or DEFAULT_GROUP
+        """The device's group (see :func:`pipeline.groups.device_grouper`)."""
+        return self._grouper(device_id)
 
     def link(self, *, device: str, group: str, dedup_key: str, from_ms: int, to_ms: int | None) -> list[Link]:
         """Grafana link from the template: ``{device} {group} {dedup_key} {from_ms} {to_ms}``, URL-quoted."""
