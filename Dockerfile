@@ -17,6 +17,9 @@ ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Extras of the iotad package: s3 = s3fs, for a model registry on s3:// (IOTAD_REGISTRY_URL, as in
+# k8s/overlays/prod). --build-arg IOTAD_EXTRAS= builds without any.
+ARG IOTAD_EXTRAS=s3
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -30,7 +33,7 @@ COPY pipeline ./pipeline
 COPY connectors ./connectors
 COPY models ./models
 # A regular (not editable) install: the model artifact is package data (models/default/*).
-RUN pip install . \
+RUN pip install ".${IOTAD_EXTRAS:+[${IOTAD_EXTRAS}]}" \
  && cd / \
  && python -c "from pipeline.settings import DEFAULT_MODEL_DIR as d; assert (d / 'model.json').is_file(), d" \
  && iotad --help >/dev/null
@@ -56,6 +59,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /var/lib/iotad
 USER 10001:10001
 EXPOSE 9464
-# No HEALTHCHECK here: only `iotad worker` serves /metrics; docker-compose.yml and k8s/ probe it.
+# No HEALTHCHECK here: only `iotad worker` (9464) and `iotad alerter` (9465) serve /metrics; docker-compose.yml
+# and k8s/ probe them.
 ENTRYPOINT ["iotad"]
 CMD ["worker"]

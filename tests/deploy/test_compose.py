@@ -66,7 +66,17 @@ def test_secrets_are_required_not_defaulted(tmp_path):
     empty.write_text("")
     proc = _compose(empty, "config", "-q")
     assert not _ok(proc)
-    assert "required variable INFLUX_TOKEN is missing a value" in proc.stderr
+    # docker compose reports one missing variable, whichever it meets first (map order varies).
+    assert re.search(r"required variable [A-Z0-9_]+ is missing a value", proc.stderr), proc.stderr
+    # So each required variable on its own: .env.example without it fails, naming it.
+    required = sorted(set(re.findall(r"\$\{([A-Z0-9_]+):\?", COMPOSE.read_text())))
+    assert "INFLUX_TOKEN" in required
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    for name in required:
+        env = tmp_path / f"{name}.env"
+        env.write_text("".join(f"{line}\n" for line in lines if not line.startswith(f"{name}=")))
+        proc = _compose(env, "config", "-q")
+        assert not _ok(proc) and f"required variable {name} is missing a value" in proc.stderr, name
 
 
 def test_no_secret_values_in_compose_file(raw):
@@ -146,7 +156,7 @@ def test_influxdb_init_creates_org_bucket_token_and_dbrp(config):
 
 def test_healthchecks_and_startup_order(config):
     services = config["services"]
-    for name in ("kafka", "influxdb", "prometheus", "alertmanager", "grafana", "worker", "worker-gpu"):
+    for name in ("kafka", "influxdb", "prometheus", "alertmanager", "grafana", "worker", "worker-gpu", "alerter"):
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     for name in ("worker", "worker-gpu"):
         deps = services[name]["depends_on"]
@@ -155,6 +165,9 @@ def test_healthchecks_and_startup_order(config):
     assert services["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert services["simulator"]["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
     assert services["grafana"]["depends_on"]["influxdb"]["condition"] == "service_healthy"
+    assert services["alerter"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    for name in ("worker", "worker-gpu", "retrain"):
+        assert services[name]["depends_on"]["registry-init"]["condition"] == "service_completed_successfully", name
     for svc in services.values():
         for dep in svc.get("depends_on", {}).values():
             assert dep["condition"] in {"service_healthy", "service_completed_successfully", "service_started"}
@@ -162,7 +175,7 @@ def test_healthchecks_and_startup_order(config):
 
 def test_worker_settings(config):
     fields = set(Settings.model_fields)
-    for name in ("worker", "worker-gpu", "simulator", "retrain"):
+    for name in ("worker", "worker-gpu", "simulator", "retrain", "alerter"):
         env = config["services"][name]["environment"]
         for key in env:
             if key.startswith("IOTAD_"):
@@ -185,6 +198,61 @@ def test_worker_settings(config):
     assert device_req["driver"] == "nvidia" and "gpu" in device_req["capabilities"]
     assert config["services"]["simulator"]["command"][0] == "simulate"
     assert config["services"]["retrain"]["command"] == ["retrain", "--loop"]
+
+
+def test_workers_and_retrain_share_one_registry(config):
+    """`retrain` promotes into the registry the workers load the champion from: one volume, one URL."""
+    services = config["services"]
+    urls = {
+        name: services[name]["environment"].get("IOTAD_REGISTRY_URL") for name in ("worker", "worker-gpu", "retrain")
+    }
+    assert len(set(urls.values())) == 1 and None not in urls.values(), urls
+    url = urls["retrain"]
+    assert url.startswith("/"), "a local registry path inside the shared volume"
+    sources = {}
+    for name in urls:
+        vols = [v for v in services[name]["volumes"] if v["type"] == "volume" and url.startswith(v["target"])]
+        assert len(vols) == 1, f"{name}: no volume holds {url}"
+        (vol,) = vols
+        assert vol["source"] in config["volumes"], name
+        sources[name] = (vol["source"], vol["target"])
+        # The retraining job is the registry's single writer; the workers only read it.
+        assert bool(vol.get("read_only")) == (name != "retrain"), name
+    assert len(set(sources.values())) == 1, sources
+    assert services["retrain"].get("deploy", {}).get("replicas", 1) == 1
+    init = services["registry-init"]
+    assert any(v["type"] == "volume" and v["source"] == sources["retrain"][0] for v in init["volumes"])
+
+
+def test_alerter(config):
+    from connectors.alert_delivery import load_router
+
+    alerter = config["services"]["alerter"]
+    env = alerter["environment"]
+    assert alerter["command"] == ["alerter"]
+    port = env["IOTAD_ALERT_METRICS_PORT"]
+    assert port == str(Settings.model_fields["alert_metrics_port"].default)
+    assert env["IOTAD_METRICS_HOST"] == "0.0.0.0"
+    assert f"127.0.0.1:{port}/metrics" in " ".join(alerter["healthcheck"]["test"])
+    assert alerter["read_only"] is True and alerter["cap_drop"] == ["ALL"]
+    # One alerter: the storm guard must see the whole fleet.
+    assert alerter.get("deploy", {}).get("replicas", 1) == 1
+    assert "iotad-workers" not in str(alerter.get("networks", {})), "not scraped as a worker"
+    # The routes file is mounted from the example, and loads with the secrets .env.example provides.
+    mounts = {v["target"]: Path(v["source"]) for v in alerter["volumes"] if v["type"] == "bind"}
+    routes = mounts[env["IOTAD_ALERT_ROUTES"]]
+    assert routes == REPO / "deploy" / "alerting" / "routes.example.yml"
+    text = routes.read_text()
+    assert "hooks.slack.com" not in text and not re.search(r"^\s*(secret|routing_key):", text, re.M)
+    router = load_router(routes, env)
+    kinds = {type(r).__name__ for r in router.receivers.values()}
+    assert {"WebhookReceiver", "SlackReceiver", "AlertmanagerReceiver"} <= kinds
+    am = next(r for r in router.receivers.values() if type(r).__name__ == "AlertmanagerReceiver")
+    assert "http://alertmanager:9093" in repr(vars(am))
+    # Every `*_env` the routes file names is set on the alerter from .env (never a literal value).
+    raw = yaml.safe_load(COMPOSE.read_text())["services"]["alerter"]["environment"]
+    for name in re.findall(r"^\s*\w+_env:\s*(\w+)", text, re.M):
+        assert re.fullmatch(r"\$\{" + name + r":\?[^}]*\}", raw[name]), name
 
 
 def test_volumes_and_mounts(config):
@@ -231,3 +299,7 @@ def test_monitoring_wiring(config):
     assert "alert_webhook_url" in am_targets
     prom_cmd = " ".join(services["prometheus"]["command"])
     assert "--config.file=/etc/prometheus/prometheus.yml" in prom_cmd
+    prom_cfg = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in prom_cfg["scrape_configs"]}
+    port = services["alerter"]["environment"]["IOTAD_ALERT_METRICS_PORT"]
+    assert jobs["iotad-alerter"]["static_configs"][0]["targets"] == [f"alerter:{port}"]

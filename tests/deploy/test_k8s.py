@@ -58,8 +58,15 @@ def pod_specs(docs: Docs) -> Iterator[tuple[str, dict[str, Any]]]:
             yield d["metadata"]["name"], d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
 
 
+def settings_configmap(docs: Docs) -> dict[str, Any]:
+    """The iotad-settings ConfigMap (its generated name carries a content hash)."""
+    found = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("iotad-settings-")]
+    assert len(found) == 1, f"expected one iotad-settings ConfigMap, found {len(found)}"
+    return found[0]
+
+
 def settings_of(docs: Docs) -> dict[str, str]:
-    return one(docs, "ConfigMap")["data"]
+    return settings_configmap(docs)["data"]
 
 
 def test_builtin_kinds_validate_strictly(overlay):
@@ -109,12 +116,15 @@ def test_crd_objects_have_required_fields(overlay):
     for t in spec["triggers"]:
         assert all(isinstance(v, str) for v in t["metadata"].values()), "KEDA trigger metadata values are strings"
 
-    sm = one(docs, "ServiceMonitor")
-    selector = sm["spec"]["selector"]["matchLabels"]
-    matching = [s for s in services.values() if selector.items() <= s["metadata"]["labels"].items()]
-    assert len(matching) == 1, "ServiceMonitor must select the worker Service"
-    port_names = {p["name"] for p in matching[0]["spec"]["ports"]}
-    assert sm["spec"]["endpoints"] and all(e["port"] in port_names for e in sm["spec"]["endpoints"])
+    monitors = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceMonitor"}
+    assert set(monitors) == {"iotad-worker", "iotad-alerter"}
+    for name, sm in monitors.items():
+        selector = sm["spec"]["selector"]["matchLabels"]
+        matching = [s for s in services.values() if selector.items() <= s["metadata"]["labels"].items()]
+        # One Service each; the job label is the Service's name, which the alert rules select.
+        assert [s["metadata"]["name"] for s in matching] == [name], f"ServiceMonitor {name} must select Service {name}"
+        port_names = {p["name"] for p in matching[0]["spec"]["ports"]}
+        assert sm["spec"]["endpoints"] and all(e["port"] in port_names for e in sm["spec"]["endpoints"])
 
     pr = one(docs, "PrometheusRule")
     for group in pr["spec"]["groups"]:
@@ -136,7 +146,7 @@ def test_crd_objects_have_required_fields(overlay):
 def test_pod_security(overlay):
     _, docs = overlay
     specs = list(pod_specs(docs))
-    assert {n for n, _ in specs} == {"iotad-worker", "iotad-retrain"}
+    assert {n for n, _ in specs} == {"iotad-worker", "iotad-retrain", "iotad-alerter"}
     for name, spec in specs:
         psc = spec["securityContext"]
         assert psc["runAsNonRoot"] is True and psc["runAsUser"] > 0, name
@@ -172,7 +182,7 @@ def test_worker_probes_and_settings(overlay):
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
     assert refs["IOTAD_INFLUX_TOKEN"] == {"name": "iotad-influxdb", "key": "token"}
     (env_from,) = c["envFrom"]
-    assert env_from["configMapRef"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
+    assert env_from["configMapRef"]["name"] == settings_configmap(docs)["metadata"]["name"]
     svc = one(docs, "Service", "iotad-worker")
     pod_labels = sts["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= pod_labels.items()
@@ -238,6 +248,116 @@ def test_retrain_cronjob(overlay):
     claims = {v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
     for claim in claims:
         one(docs, "PersistentVolumeClaim", claim)
+
+
+def test_workers_and_retrain_share_one_registry(overlay):
+    """The CronJob promotes into the registry the workers load the champion from (IOTAD_REGISTRY_URL)."""
+    name, docs = overlay
+    url = settings_of(docs).get("IOTAD_REGISTRY_URL")
+    assert url, "IOTAD_REGISTRY_URL must be set: the default (<data_dir>/registry) is private to each pod"
+    cm_name = settings_configmap(docs)["metadata"]["name"]
+    pods = {
+        "iotad-worker": one(docs, "StatefulSet", "iotad-worker")["spec"]["template"]["spec"],
+        "iotad-retrain": one(docs, "CronJob", "iotad-retrain")["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+    }
+    claims = {}
+    for pod, spec in pods.items():
+        (c,) = spec["containers"]
+        # Both read the URL from the one ConfigMap; nothing overrides it per pod.
+        assert {e["configMapRef"]["name"] for e in c["envFrom"]} == {cm_name}, pod
+        assert "IOTAD_REGISTRY_URL" not in {e["name"] for e in c.get("env", [])}, pod
+        if url.startswith("/"):
+            mounts = [m for m in c["volumeMounts"] if url == m["mountPath"] or url.startswith(m["mountPath"] + "/")]
+            mount = max(mounts, key=lambda m: len(m["mountPath"]))  # the innermost mount holds the registry
+            volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+            assert "persistentVolumeClaim" in volume, f"{pod}: {url} is not on a shared volume"
+            claims[pod] = (volume["persistentVolumeClaim"]["claimName"], mount["mountPath"])
+            # The retraining job is the registry's single writer; the workers only read it.
+            assert bool(mount.get("readOnly")) == (pod == "iotad-worker"), pod
+    if url.startswith("/"):
+        assert len(set(claims.values())) == 1, claims
+        (claim, _), *_ = claims.values()
+        pvc = one(docs, "PersistentVolumeClaim", claim)
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "workers on several nodes share the registry"
+    else:
+        assert re.match(r"^(s3|gs|gcs|az|abfs)://[^/]+", url), url
+        assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"], "no volume needed for an object store"
+        # Object stores are reached over HTTPS: the NetworkPolicies let the workers and the job out on 443.
+        for policy in ("iotad-worker", "iotad-retrain"):
+            spec = one(docs, "NetworkPolicy", policy)["spec"]
+            assert 443 in {p["port"] for rule in spec["egress"] for p in rule.get("ports", [])}, policy
+    if name == "prod":
+        assert url.startswith("s3://")
+
+
+def test_alerter(overlay):
+    from connectors.alert_delivery import load_router
+
+    _, docs = overlay
+    settings = settings_of(docs)
+    dep = one(docs, "Deployment", "iotad-alerter")
+    # Exactly one alerter, also during a rollout: the storm guard must see the whole fleet.
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    for kind in ("ScaledObject", "HorizontalPodAutoscaler"):
+        for d in docs:
+            if d["kind"] == kind:
+                assert d["spec"]["scaleTargetRef"]["name"] != "iotad-alerter", "the alerter must not be scaled"
+    for pdb in (d for d in docs if d["kind"] == "PodDisruptionBudget"):
+        assert not pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    spec = dep["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert c["args"] == ["alerter"]
+    assert {e["configMapRef"]["name"] for e in c["envFrom"]} == {settings_configmap(docs)["metadata"]["name"]}
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["metrics"] == int(settings["IOTAD_ALERT_METRICS_PORT"])
+    assert settings["IOTAD_METRICS_HOST"] == "0.0.0.0"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        get = c[probe]["httpGet"]
+        assert get["path"] == "/metrics" and get["port"] in ("metrics", ports["metrics"]), probe
+    svc = one(docs, "Service", "iotad-alerter")
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]} == {"metrics": "metrics"}
+
+    # The routes file: a generated ConfigMap, mounted where IOTAD_ALERT_ROUTES points.
+    env = {e["name"]: e for e in c.get("env", [])}
+    routes_path = env["IOTAD_ALERT_ROUTES"]["value"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    routes_mount = mounts[routes_path.rsplit("/", 1)[0]]
+    cm_name = volumes[routes_mount["name"]]["configMap"]["name"]
+    routes_text = one(docs, "ConfigMap", cm_name)["data"][routes_path.rsplit("/", 1)[1]]
+    # Secrets come from files of a Secret volume (a reference; the Secret is created out of band).
+    secret_mounts = {
+        m["mountPath"]: volumes[m["name"]]["secret"]["secretName"]
+        for m in c["volumeMounts"]
+        if "secret" in volumes[m["name"]]
+    }
+    assert secret_mounts and all(m.get("readOnly") for p, m in mounts.items() if p in secret_mounts)
+    files = re.findall(r"^\s*\w+_file:\s*(\S+)", routes_text, re.M)
+    assert files and not re.findall(r"^\s*\w+_env:", routes_text, re.M)
+    for f in files:
+        assert any(f.startswith(p + "/") for p in secret_mounts), f"{f} is not in a mounted Secret"
+    # It loads (secret files stood in for by temporary ones) with a webhook, a Slack and the Alertmanager receiver.
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        text = routes_text
+        for mount in secret_mounts:
+            text = text.replace(mount + "/", tmp + "/")
+        for f in files:
+            Path(tmp, f.rsplit("/", 1)[1]).write_text("https://example.invalid/x" if "url" in f else "s3cr3t")
+        routes = Path(tmp, "routes.yml")
+        routes.write_text(text)
+        router = load_router(routes, {})
+    kinds = {type(r).__name__ for r in router.receivers.values()}
+    assert {"WebhookReceiver", "SlackReceiver", "AlertmanagerReceiver"} <= kinds
+
+    policy = one(docs, "NetworkPolicy", "iotad-alerter")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == ["metrics"]
+    assert {53, 9092, 443, 9093} <= {p["port"] for rule in policy["egress"] for p in rule["ports"]}
 
 
 def test_gpu_scheduling(overlay):

@@ -87,6 +87,18 @@ def test_prometheus_scrapes_the_workers():
     assert 'up{job="iotad-worker"}' in (DEPLOY / "rules" / "iotad.rules.yml").read_text()
 
 
+def test_prometheus_scrapes_the_alerter():
+    from pipeline.settings import Settings
+
+    cfg = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in cfg["scrape_configs"]}
+    (static,) = jobs["iotad-alerter"]["static_configs"]  # the job label IotadAlerterDown selects
+    assert static["targets"] == [f"alerter:{Settings.model_fields['alert_metrics_port'].default}"]
+    alerter_down = next(r for r in _rules() if r.get("alert") == "IotadAlerterDown")
+    assert 'up{job="iotad-alerter"} == 0' in alerter_down["expr"]
+    assert alerter_down["labels"]["severity"] == "critical"
+
+
 def test_alertmanager_secret_is_a_file():
     cfg = yaml.safe_load((DEPLOY / "alertmanager.yml").read_text())
     text = (DEPLOY / "alertmanager.yml").read_text()
