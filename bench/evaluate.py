@@ -33,8 +33,10 @@ from models.scoring import (
 )
 from models.training import TrainConfig, save_trained, train
 
-DEFAULT_NAB = Path("/work/shared/datasets/nab")
-DEFAULT_SKAB = Path("/work/shared/datasets/skab")
+# The benchmark data lives beside the checkout (../shared/datasets), never inside the repository.
+DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+DEFAULT_NAB = DATASETS / "nab"
+DEFAULT_SKAB = DATASETS / "skab"
 DETECTOR_NAME = "iotad"
 
 

@@ -19,8 +19,8 @@ from bench.skab import TRAIN_ROWS
 from models.detector import Detector
 from pipeline.cli import app
 
-NAB = Path("/work/shared/datasets/nab")
-SKAB = Path("/work/shared/datasets/skab")
+NAB = ev.DEFAULT_NAB
+SKAB = ev.DEFAULT_SKAB
 NAB_FILES = (
     "realAdExchange/exchange-3_cpc_results.csv",
     "realTraffic/speed_7578.csv",
