@@ -21,10 +21,11 @@ $(VENV)/.installed: pyproject.toml
 
 # Debian's InfluxDB 1.x, Prometheus and Alertmanager for the local stack (root only; nothing is started).
 servers:
-	@if ! command -v influxd >/dev/null || ! command -v promtool >/dev/null || ! command -v amtool >/dev/null; then \
+	@if ! command -v influxd >/dev/null || ! command -v promtool >/dev/null || ! command -v amtool >/dev/null \
+	    || ! command -v openssl >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      influxdb prometheus prometheus-alertmanager >/dev/null; \
+	      influxdb prometheus prometheus-alertmanager openssl >/dev/null; \
 	  else echo "influxd missing: run 'sudo make servers' or install Debian's influxdb" >&2; exit 1; fi; \
 	fi
 
@@ -45,6 +46,7 @@ integration: setup
 	$(VENV)/bin/pytest -q tests/integration
 
 test: setup lint typecheck
+	$(PY) -m deploy.secret_scan
 	$(VENV)/bin/pytest -q -ra
 
 # Regenerate the committed dashboards and the PrometheusRule from their sources.

@@ -13,6 +13,7 @@ import time
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from connectors.influx import RetryingSink, make_writer
+from connectors.kafka_security import KafkaSecurity
 from pipeline.app import build_detector, build_processor
 from pipeline.processor import Inbound
 from pipeline.records import score_json, score_line
@@ -22,6 +23,7 @@ from pipeline.settings import Settings
 async def run_lean(settings: Settings, topic: str, expected_scores: int, timeout_s: float = 300.0) -> float:
     """Consume ``topic`` from the beginning until ``expected_scores`` are written; readings/s."""
     processor = build_processor(settings, build_detector(settings))
+    security = KafkaSecurity.from_settings(settings).aiokafka()
     sensors = processor.sensors
     sink = RetryingSink(
         make_writer(settings.influx_version, settings.influx_url, settings.influx_database, settings.influx_org, "")
@@ -35,8 +37,9 @@ async def run_lean(settings: Settings, topic: str, expected_scores: int, timeout
         session_timeout_ms=6000,
         heartbeat_interval_ms=1000,
         max_partition_fetch_bytes=8 * 1024 * 1024,
+        **security,
     )
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, **security)
     await consumer.start()
     await producer.start()
     scored, t0 = 0, None

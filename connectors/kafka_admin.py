@@ -18,6 +18,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError, for_code
 
+from connectors.kafka_security import KafkaSecurity, security_for
+
 log = logging.getLogger(__name__)
 
 CLIENT_ID = "iotad-admin"
@@ -37,7 +39,7 @@ class Record:
 
 
 @contextmanager
-def _admin(bootstrap: str, timeout_s: float) -> Iterator[KafkaAdminClient]:
+def _admin(bootstrap: str, timeout_s: float, security: KafkaSecurity | None = None) -> Iterator[KafkaAdminClient]:
     timeout_ms = int(timeout_s * 1000)
     try:
         admin = KafkaAdminClient(
@@ -45,6 +47,7 @@ def _admin(bootstrap: str, timeout_s: float) -> Iterator[KafkaAdminClient]:
             client_id=CLIENT_ID,
             bootstrap_timeout_ms=timeout_ms,
             request_timeout_ms=timeout_ms,
+            **security_for(bootstrap, security).kafka_python(),
         )
     except KafkaTimeoutError as exc:
         raise TimeoutError(f"no Kafka broker at {bootstrap} within {timeout_s:.0f} s") from exc
@@ -54,9 +57,9 @@ def _admin(bootstrap: str, timeout_s: float) -> Iterator[KafkaAdminClient]:
         admin.close()
 
 
-def wait_for_broker(bootstrap: str, timeout_s: float = 10.0) -> None:
+def wait_for_broker(bootstrap: str, timeout_s: float = 10.0, *, security: KafkaSecurity | None = None) -> None:
     """Block until the broker answers a metadata request; TimeoutError otherwise."""
-    with _admin(bootstrap, timeout_s) as admin:
+    with _admin(bootstrap, timeout_s, security) as admin:
         admin.list_topics()
 
 
@@ -66,6 +69,7 @@ def create_topics(
     *,
     retention_ms: int | None = None,
     timeout_s: float = 10.0,
+    security: KafkaSecurity | None = None,
 ) -> None:
     """Create topics (name -> partitions), replication factor 1; topics that exist already are kept.
 
@@ -79,7 +83,7 @@ def create_topics(
         name: {"num_partitions": partitions, "replication_factor": 1, "configs": configs}
         for name, partitions in topics.items()
     }
-    with _admin(bootstrap, timeout_s) as admin:
+    with _admin(bootstrap, timeout_s, security) as admin:
         response = admin.create_topics(request, timeout_ms=int(timeout_s * 1000), raise_errors=False)
         existing = []
         for result in response["topics"]:
@@ -100,7 +104,7 @@ def create_topics(
                     )
 
 
-def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
+def make_producer(bootstrap: str, *, security: KafkaSecurity | None = None, **overrides: Any) -> KafkaProducer:
     """A KafkaProducer for raw bytes keys/values: acks=all, 5 ms linger; overrides win."""
     config: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
@@ -108,6 +112,7 @@ def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
         "acks": "all",
         "linger_ms": 5,
         "bootstrap_timeout_ms": 10_000,
+        **security_for(bootstrap, security).kafka_python(),
     }
     config.update(overrides)
     return KafkaProducer(**config)
@@ -120,6 +125,7 @@ def read_all(
     idle_timeout_s: float = 1.0,
     timeout_s: float = 30.0,
     min_records: int = 0,
+    security: KafkaSecurity | None = None,
 ) -> list[Record]:
     """Every message of topic from the beginning, sorted by (partition, offset).
 
@@ -136,6 +142,7 @@ def read_all(
         allow_auto_create_topics=False,
         auto_offset_reset="earliest",
         bootstrap_timeout_ms=int(timeout_s * 1000),
+        **security_for(bootstrap, security).kafka_python(),
     )
     records: list[Record] = []
     try:

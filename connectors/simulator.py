@@ -748,9 +748,14 @@ class Producer(Protocol):
     def flush(self, timeout: float | None = ...) -> None: ...
 
 
-def make_producer(bootstrap: str, **overrides: Any) -> Any:
-    """A ``kafka.KafkaProducer`` tuned for the simulator (batched, bytes in, 2 MiB max request)."""
+def make_producer(bootstrap: str, *, security: Any = None, **overrides: Any) -> Any:
+    """A ``kafka.KafkaProducer`` tuned for the simulator (batched, bytes in, 2 MiB max request).
+
+    ``security``: a :class:`connectors.kafka_security.KafkaSecurity` (default: the one registered for
+    ``bootstrap``, else PLAINTEXT)."""
     from kafka import KafkaProducer
+
+    from connectors.kafka_security import security_for
 
     config: dict[str, Any] = {
         "bootstrap_servers": bootstrap.split(","),
@@ -759,6 +764,7 @@ def make_producer(bootstrap: str, **overrides: Any) -> Any:
         "batch_size": 256 * 1024,
         "max_request_size": 2 * MAX_MESSAGE_BYTES,
         "retries": 3,
+        **security_for(bootstrap, security).kafka_python(),
     }
     config.update(overrides)
     return KafkaProducer(**config)

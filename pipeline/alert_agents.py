@@ -39,7 +39,10 @@ import msgspec
 from faust.types import TP, EventT, StreamT, TableT
 
 from connectors.alert_delivery import DeliveryResult, ReceiverDefaults, RetryPolicy, Router, load_router
+from connectors.kafka_security import security_for
+from pipeline.agents import CHANGELOG_MARKER
 from pipeline.alerting import STORM_KEY, AlertEngine, AlertEvent, decode_score, encode_event, policy_from
+from pipeline.app import make_faust_app
 from pipeline.lag import install_lag_monitor
 from pipeline.metrics import Metrics
 from pipeline.settings import Settings
@@ -47,13 +50,7 @@ from pipeline.settings import Settings
 log = logging.getLogger(__name__)
 
 ALERT_STATE_TABLE = "alert-state"
-CHANGELOG_MARKER = b"\x00checkpoint"
 REDRIVE_HEADER = "iotad-redrive-receiver"
-MAX_FETCH_BYTES = 8 * 1024 * 1024
-
-
-def _broker_urls(bootstrap: str) -> list[str]:
-    return [f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip()]
 
 
 def _headers(message: Any) -> dict[str, bytes]:
@@ -288,22 +285,7 @@ def create_alerter(
 ) -> AlerterComponents:
     """The alerter's Faust app with both agents registered."""
     s = settings
-    app = faust.App(
-        s.alert_app_id,
-        broker=_broker_urls(s.kafka_bootstrap),
-        store="memory://",
-        key_serializer="raw",
-        value_serializer="raw",
-        topic_partitions=s.partitions,
-        broker_session_timeout=s.broker_session_timeout_s,
-        broker_heartbeat_interval=max(0.5, s.broker_session_timeout_s / 6),
-        consumer_auto_offset_reset="earliest",
-        broker_commit_interval=1.0,
-        web_enabled=False,
-        consumer_max_fetch_size=MAX_FETCH_BYTES,
-        producer_max_request_size=MAX_FETCH_BYTES,
-        processing_guarantee="at_least_once",
-    )
+    app = make_faust_app(s, s.alert_app_id)
     scores = app.topic(
         s.scores_topic,
         key_type=bytes,
@@ -379,6 +361,7 @@ def redrive(
 
     consumer = KafkaConsumer(
         s.alerts_dlq_topic,
+        **security_for(s.kafka_bootstrap).kafka_python(),
         bootstrap_servers=s.kafka_bootstrap,
         group_id=f"{s.alert_app_id}-redrive",
         enable_auto_commit=False,

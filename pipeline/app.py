@@ -14,6 +14,8 @@ import faust
 from faust.types import TableT
 
 from connectors.influx import RetryingSink, make_writer
+from connectors.kafka_security import KafkaSecurity
+from connectors.kafka_security import register as register_security
 from models.artifact import load_artifact
 from models.detector import Detector, resolve_device
 from models.scoring import ScoringConfig, make_threshold
@@ -91,10 +93,16 @@ class Components:
     settings: Settings
 
 
-def create_app(settings: Settings, metrics: Metrics | None = None) -> Components:
-    app = faust.App(
-        settings.app_id,
+def make_faust_app(settings: Settings, app_id: str) -> faust.App:
+    """A Faust app configured the way every iotad worker needs it (scoring worker, alerter)."""
+    security = KafkaSecurity.from_settings(settings)
+    register_security(settings.kafka_bootstrap, security)  # the process's other Kafka clients use it too
+    log.info("Kafka %s: %s", settings.kafka_bootstrap, security.describe())
+    return faust.App(
+        app_id,
         broker=broker_urls(settings.kafka_bootstrap),
+        # TLS / SASL from IOTAD_KAFKA_SECURITY_PROTOCOL etc. (None = PLAINTEXT)
+        broker_credentials=security.faust_credentials(),
         store="memory://",
         key_serializer="raw",
         value_serializer="raw",
@@ -104,7 +112,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
         web_enabled=False,
-        # Larger than any message a producer may send, so an oversized reading reaches validation
+        # Larger than any message a producer may send, so an oversized message reaches validation
         # (and the dead-letter topic, original bytes included) instead of stalling its partition.
         consumer_max_fetch_size=MAX_FETCH_BYTES,
         producer_max_request_size=MAX_FETCH_BYTES,
@@ -112,6 +120,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
         # per-device offset guard give exactly-once state (see ARCHITECTURE.md).
         processing_guarantee="at_least_once",
     )
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> Components:
+    app = make_faust_app(settings, settings.app_id)
     readings = app.topic(
         settings.readings_topic,
         key_type=bytes,
@@ -143,7 +155,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
         settings.influx_url,
         settings.influx_database,
         settings.influx_org,
-        settings.influx_token,
+        settings.influx_token.get_secret_value(),
     )
     sink = RetryingSink(
         writer,

@@ -20,7 +20,11 @@ from pipeline.settings import Settings
 if TYPE_CHECKING:
     from models.registry import ModelRegistry
 
-app = typer.Typer(help="iotad: streaming anomaly detection for IoT sensor fleets.", no_args_is_help=True)
+app = typer.Typer(
+    help="iotad: streaming anomaly detection for IoT sensor fleets.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals can hold secrets (client configs); older typer showed them
+)
 bench_app = typer.Typer(help="Benchmarks (print JSON with --json).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 model_app = typer.Typer(
@@ -31,10 +35,25 @@ console = Console(stderr=True)
 
 
 def _settings(**overrides: object) -> Settings:
-    s = Settings()
-    for k, v in overrides.items():
-        if v is not None:
-            setattr(s, k, v)
+    """The settings, with the Kafka security of ``kafka_bootstrap`` registered for every Kafka helper."""
+    from pydantic import ValidationError
+    from pydantic_settings.exceptions import SettingsError
+
+    from connectors import kafka_security
+
+    try:
+        s = Settings()
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(s, k, v)
+        kafka_security.register(s.kafka_bootstrap, kafka_security.KafkaSecurity.from_settings(s))
+    except ValidationError as exc:  # never echo the input values: one of them may be a secret
+        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_input=False))
+        console.print(f"[red]invalid settings:[/] {errors}")
+        raise typer.Exit(2) from None
+    except (SettingsError, kafka_security.KafkaSecurityError) as exc:
+        console.print(f"[red]invalid settings:[/] {exc}")
+        raise typer.Exit(2) from None
     return s
 
 
@@ -100,6 +119,7 @@ def alerts_redrive(
 def up(
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (default: Ctrl-C)")] = None,
     workers: Annotated[int, typer.Option(help="Scoring worker processes")] = 1,
+    alerters: Annotated[int, typer.Option(help="`iotad alerter` processes (0 or 1; see ALERTING.md)")] = 0,
 ) -> None:
     """Start the embedded local stack (Tansu, InfluxDB, topics, workers) and keep it running."""
     from pipeline.stack import PipelineStack
@@ -107,10 +127,11 @@ def up(
     settings = _settings()
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    with PipelineStack(settings, workers=workers) as stack:
+    with PipelineStack(settings, workers=workers, alerters=alerters) as stack:
         console.print(f"[bold]kafka[/] {stack.bootstrap}   [bold]influxdb[/] {stack.influx_url}")
-        for w in stack.procs:
-            console.print(f"worker pid {w.pid}: metrics http://127.0.0.1:{w.metrics_port}/metrics, log {w.log_path}")
+        for w in [*stack.procs, *stack.alerter_procs]:
+            url = f"http://127.0.0.1:{w.metrics_port}/metrics"
+            console.print(f"{w.command} pid {w.pid}: metrics {url}, log {w.log_path}")
         console.print(f"export IOTAD_KAFKA_BOOTSTRAP={stack.bootstrap} IOTAD_INFLUX_URL={stack.influx_url}")
         deadline = time.monotonic() + duration if duration else float("inf")
         try:
@@ -236,7 +257,7 @@ def demo(
 @app.command()
 def evaluate(
     dataset: Annotated[str, typer.Argument(help="nab or skab")],
-    data: Annotated[Path | None, typer.Option(help="Dataset root (default: /work/shared/datasets/<dataset>)")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset root (default: ../shared/datasets/<dataset>)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on the last line")] = False,
     out: Annotated[Path, typer.Option(help="Folder for the per-series PNGs, the model and a detailed JSON")] = Path(
         "out/evaluate"
@@ -282,14 +303,73 @@ def bench_throughput(
     run([int(d) for d in devices.split(",")], readings, envelope, as_json)
 
 
+@bench_app.command("bad-input")
+def bench_bad_input(
+    devices: Annotated[int, typer.Option(help="Fleet size")] = 200,
+    steps: Annotated[int, typer.Option(help="Steps per device (valid readings = devices x steps)")] = 500,
+    malformed: Annotated[int, typer.Option(help="Bad messages mixed in (every kind)")] = 10_000,
+    oversized: Annotated[int, typer.Option(help="Of which just over 1 MiB (each crosses Kafka twice)")] = 8,
+    repeats: Annotated[int, typer.Option(help="Clean/mixed run pairs (median rates)")] = 2,
+    torch_threads: Annotated[int | None, typer.Option(help="OMP_NUM_THREADS for the workers")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on the last line")] = False,
+) -> None:
+    """Clean vs mixed-with-bad-input runs on the local stack: DLQ share, crashes, readings/s (bench/bad_input.py)."""
+    from bench.bad_input import BadInputConfig
+    from bench.bad_input import main as run
+
+    logging.basicConfig(level=logging.WARNING)
+    cfg = BadInputConfig(devices, steps, malformed, oversized, max(1, repeats), seed, torch_threads=torch_threads)
+    summary = run(cfg, as_json=as_json)
+    raise typer.Exit(0 if summary["ok"] else 1)
+
+
+@bench_app.command("faults")
+def bench_faults(
+    outage_s: Annotated[float, typer.Option(help="Seconds InfluxDB stays down in influx_outage")] = 60.0,
+    scenarios: Annotated[
+        str, typer.Option(help="Comma-separated: kill,rebalance,influx_outage,model_swap,alert_receiver_down")
+    ] = "kill,rebalance,influx_outage,model_swap,alert_receiver_down",
+    receiver_down_s: Annotated[float, typer.Option(help="Seconds the alert receiver is down")] = 30.0,
+    devices: Annotated[int, typer.Option(help="Simulated fleet size")] = 24,
+    rate: Annotated[float, typer.Option(help="Fleet steps per second (readings/s = devices x rate)")] = 4.0,
+    stream_s: Annotated[float, typer.Option(help="Load duration of kill, rebalance and model_swap")] = 40.0,
+    seed: Annotated[int, typer.Option(help="Seeds the fleet and the kill times")] = 7,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on the last line")] = False,
+) -> None:
+    """Fault injection on fresh local stacks under load: lost/duplicated/state mismatch/recovery (bench/faults.py)."""
+    from bench.faults import FaultConfig
+    from bench.faults import main as run
+
+    logging.basicConfig(level=logging.WARNING)
+    cfg = FaultConfig(
+        devices=devices,
+        steps_per_s=rate,
+        stream_s=stream_s,
+        outage_s=outage_s,
+        receiver_down_s=receiver_down_s,
+        seed=seed,
+    )
+    names = [n.strip() for n in scenarios.split(",") if n.strip()]
+    raise typer.Exit(run(cfg, names, as_json=as_json, base=_settings()))
+
+
 @app.command()
 def settings_doc(
     out: Annotated[Path | None, typer.Option(help="Write the table to this file")] = None,
 ) -> None:
     """Print every setting with its environment variable and default (Markdown)."""
+    from pipeline.settings_files import secret_fields
+
+    secrets = set(secret_fields(Settings))
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        rows.append(f"| `IOTAD_{name.upper()}` | `{field.default}` | {field.description or ''} |")
+        default = "" if name in secrets else field.default  # a secret's default is never printed
+        meaning = field.description or ""
+        if name in secrets:
+            meaning += f"; or a file: `IOTAD_{name.upper()}_FILE`"
+        rows.append(f"| `IOTAD_{name.upper()}` | `{default}` | {meaning} |")
+    rows.append("\nAny setting can be read from a file instead: `IOTAD_<NAME>_FILE=/path` (e.g. a mounted secret).")
     text = "\n".join(rows) + "\n"
     if out:
         out.write_text(text)

@@ -29,6 +29,7 @@ from aiokafka import TopicPartition as AioTopicPartition
 from kafka import KafkaConsumer, TopicPartition
 
 from connectors.kafka_admin import create_topics, make_producer
+from connectors.kafka_security import KafkaSecurity, security_for
 from models.registry import utc_now
 
 log = logging.getLogger(__name__)
@@ -79,15 +80,23 @@ def decode(value: bytes | None) -> dict[str, Any] | None:
     return message
 
 
-def publish(bootstrap: str, topic: str, message: dict[str, Any], *, timeout_s: float = 10.0) -> int:
+def publish(
+    bootstrap: str,
+    topic: str,
+    message: dict[str, Any],
+    *,
+    timeout_s: float = 10.0,
+    security: KafkaSecurity | None = None,
+) -> int:
     """Send one control message and wait for the broker's acknowledgement; returns its offset.
 
     Creates the topic (one partition) when it does not exist. Raises on failure (KafkaError,
     TimeoutError): the caller decides whether that is fatal.
     """
-    create_topics(bootstrap, {topic: CONTROL_PARTITIONS}, timeout_s=timeout_s)
+    create_topics(bootstrap, {topic: CONTROL_PARTITIONS}, timeout_s=timeout_s, security=security)
     producer = make_producer(
         bootstrap,
+        security=security,
         client_id="iotad-control",
         bootstrap_timeout_ms=int(timeout_s * 1000),
         max_block_ms=int(timeout_s * 1000),
@@ -109,8 +118,10 @@ class ControlListener:
     ``timeout_s``, or None. Used by ``iotad retrain --loop`` to wake up on ``retrain-request``.
     """
 
-    def __init__(self, bootstrap: str, topic: str, *, timeout_s: float = 10.0) -> None:
-        create_topics(bootstrap, {topic: CONTROL_PARTITIONS}, timeout_s=timeout_s)
+    def __init__(
+        self, bootstrap: str, topic: str, *, timeout_s: float = 10.0, security: KafkaSecurity | None = None
+    ) -> None:
+        create_topics(bootstrap, {topic: CONTROL_PARTITIONS}, timeout_s=timeout_s, security=security)
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap,
             client_id="iotad-control-listener",
@@ -118,6 +129,7 @@ class ControlListener:
             enable_auto_commit=False,
             auto_offset_reset="latest",
             bootstrap_timeout_ms=int(timeout_s * 1000),
+            **security_for(bootstrap, security).kafka_python(),
         )
         deadline = time.monotonic() + timeout_s
         partitions = self._consumer.partitions_for_topic(topic)
@@ -148,7 +160,12 @@ class ControlListener:
 
 
 async def follow(
-    bootstrap: str, topic: str, handler: Callable[[dict[str, Any]], Awaitable[None]], *, poll_s: float = 1.0
+    bootstrap: str,
+    topic: str,
+    handler: Callable[[dict[str, Any]], Awaitable[None]],
+    *,
+    poll_s: float = 1.0,
+    security: KafkaSecurity | None = None,
 ) -> None:
     """Call ``handler`` with each control message published from now on; runs until cancelled.
 
@@ -156,7 +173,12 @@ async def follow(
     and starts at their end. Brokers whose end offsets lag (Tansu) may replay the last few messages at
     start, so handlers must be idempotent (they compare versions).
     """
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        **security_for(bootstrap, security).aiokafka(),
+    )
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(topic)

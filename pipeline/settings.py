@@ -3,6 +3,10 @@
 Every field is read from an environment variable with the ``IOTAD_`` prefix (``IOTAD_STEP_MS=500``)
 or from a ``.env`` file in the working directory. Settings are loaded once at start-up and passed
 down; no other module reads the environment.
+
+Any setting can also come from a file, ``IOTAD_<NAME>_FILE=/run/secrets/...`` (pipeline/settings_files.py).
+Secrets are ``SecretStr``: printing or logging the settings shows ``**********``; unwrap them only where
+they are sent (``.get_secret_value()``).
 """
 
 from __future__ import annotations
@@ -10,10 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from models import DEFAULT_MODEL_DIR
+from pipeline.settings_files import ValueFileSettingsSource
 
 
 class Settings(BaseSettings):
@@ -25,6 +30,21 @@ class Settings(BaseSettings):
     partitions: int = Field(4, description="Partitions of the readings topic (and the state changelog)")
     app_id: str = Field("iotad-worker", description="Faust app id = consumer group id")
     broker_session_timeout_s: float = Field(6.0, description="Kafka consumer session timeout")
+    # Kafka security (connectors/kafka_security.py builds every client's settings from these)
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism (SASL_* protocols)"
+    )
+    kafka_sasl_username: str = Field("", description="SASL user name")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password (secret)")
+    kafka_ssl_cafile: Path | None = Field(
+        None, description="CA bundle (PEM) for the brokers' certificates; none = system CAs"
+    )
+    kafka_ssl_certfile: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS")
+    kafka_ssl_keyfile: Path | None = Field(None, description="Client private key (PEM, unencrypted) for mutual TLS")
+    kafka_ssl_check_hostname: bool = Field(True, description="Check the broker certificate's host name")
 
     # Windowing
     step_ms: int = Field(1000, description="Model step: readings are resampled to this period")
@@ -73,7 +93,7 @@ class Settings(BaseSettings):
     influx_version: int = Field(1, ge=1, le=2, description="1 = v1 /write API; 2 = v2/v3 API via influxdb-client")
     influx_database: str = Field("iotad", description="v1 database (v2: bucket)")
     influx_org: str = Field("iotad", description="v2 organisation")
-    influx_token: str = Field("", description="v2 token")
+    influx_token: SecretStr = Field(SecretStr(""), description="v2 token; v1: sent as 'Authorization: Token' (secret)")
     influx_measurement: str = Field("anomaly_scores", description="Measurement the scores are written to")
 
     # Observability
@@ -139,6 +159,21 @@ class Settings(BaseSettings):
     alert_retry_base_s: float = Field(0.5, gt=0, description="First retry delay ceiling (full jitter, doubling)")
     alert_retry_max_delay_s: float = Field(30.0, gt=0, description="Largest retry delay (and Retry-After honoured)")
     alert_retry_budget_s: float = Field(120.0, gt=0, description="Longest time one delivery may spend retrying")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # IOTAD_<NAME>_FILE: right after the layer (environment, .env) it is read from.
+        env_files = ValueFileSettingsSource(settings_cls, "env")
+        env_file = getattr(dotenv_settings, "env_file", None)  # Settings(_env_file=...) included
+        dotenv_files = ValueFileSettingsSource(settings_cls, "dotenv", env_file=env_file)
+        return init_settings, env_settings, env_files, dotenv_settings, dotenv_files, file_secret_settings
 
     @property
     def readings_topic(self) -> str:

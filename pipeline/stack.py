@@ -20,6 +20,7 @@ from typing import IO, Self
 from connectors.kafka_admin import create_topics
 from connectors.localstack import LocalStack, free_port, new_run_dir
 from pipeline.settings import Settings
+from pipeline.settings_files import secret_fields, secret_files_env
 
 
 def metric_value(text: str, name: str) -> float:
@@ -106,6 +107,7 @@ class PipelineStack:
     procs: list[WorkerProcess] = field(default_factory=list)
     alerter_procs: list[WorkerProcess] = field(default_factory=list)
     run_dir: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)  # added to every child's environment (DEVLOG=1, ...)
 
     def start(self, *, wait: bool = True) -> Self:
         self.run_dir = new_run_dir(self.settings.data_dir)
@@ -135,19 +137,26 @@ class PipelineStack:
         assert self.stack is not None
         s = self.settings
         env = {k: v for k, v in os.environ.items() if not k.startswith("IOTAD_")}
+        secrets = secret_fields(Settings)
         env.update(
             {
                 f"IOTAD_{name.upper()}": str(getattr(s, name))
                 for name in Settings.model_fields
-                if name not in ("kafka_bootstrap", "influx_url", "influx_version") and getattr(s, name) is not None
+                if name not in ("kafka_bootstrap", "influx_url", "influx_version", *secrets)
+                and getattr(s, name) is not None
             }
         )
+        # Secrets travel as private files (IOTAD_<NAME>_FILE), never in the child's environment.
+        assert self.run_dir is not None
+        env.update(secret_files_env(s, self.run_dir / "secrets"))
         env.update(
             IOTAD_KAFKA_BOOTSTRAP=self.stack.bootstrap,
+            IOTAD_KAFKA_SECURITY_PROTOCOL="PLAINTEXT",  # the embedded Tansu listens in plain text
             IOTAD_INFLUX_URL=self.stack.influx_url,
             IOTAD_INFLUX_VERSION="1",
             IOTAD_METRICS_HOST="127.0.0.1",
         )
+        env.update(self.extra_env)
         return env
 
     def add_worker(self, *, wait: bool = True) -> WorkerProcess:
