@@ -44,9 +44,9 @@ What is reported per scenario (:class:`Outcome`):
   restored wrong, shows here; ``status_mismatches`` counts outputs whose status, presence of a score or
   ``n_readings`` differs from the reference.
 * ``recovered_within_s``: from the fault (worker killed and restarted at once, worker stopped or added,
-  InfluxDB back up, swap announced) until every reading sent before that moment is in InfluxDB and every
-  device has a point for the first step sent after it: the pipeline has caught up and scores new data
-  on all partitions again. The worst of the scenario's faults. (``alert_receiver_down``: until every
+  InfluxDB back up, swap announced) until every device has a point in InfluxDB for the first step sent
+  after it: the pipeline has caught up (partitions are consumed in order) and scores new data on all
+  partitions again. The worst of the scenario's faults. (``alert_receiver_down``: until every
   alert in the outbox when the receiver came back has reached it, re-drive included.)
 * ``checks``: scenario-specific evidence (no dead letters, kills landed mid-stream, partition assignment
   per phase, stall and bounded memory during the outage, one swap, ...); ``ok`` = all checks pass,
@@ -62,6 +62,7 @@ import functools
 import json
 import math
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -317,11 +318,11 @@ def _wait_recovered(
     """Seconds from ``since`` (monotonic) until the pipeline has caught up with the fault at ``mark``
     (:meth:`Load.mark`), and until ``also()`` holds; None for what did not happen within ``timeout_s``.
 
-    Caught up: InfluxDB holds every reading sent before the fault, and every device has a point for the
-    first step sent after it (so all partitions are being scored again). If the load ended before that
-    step, every reading sent at all.
+    Caught up: every device has a point in InfluxDB for the first step sent after the fault (partitions
+    are consumed in order, so everything before it has been through; whether all of it arrived is what
+    ``lost`` says). If the load ended before that step: InfluxDB holds every reading sent.
     """
-    sent_at_fault, steps_at_fault = mark
+    steps_at_fault = mark[1]
     recovered: float | None = None
     also_s: float | None = None
     deadline = time.monotonic() + timeout_s
@@ -331,11 +332,7 @@ def _wait_recovered(
             next_ts = load.step_ts(steps_at_fault)
             if next_ts is not None:
                 last = _last_point_ts(stack, s)
-                done = (
-                    len(last) == load.sim.n_devices
-                    and min(last.values()) >= next_ts
-                    and _influx_count(stack, s) >= sent_at_fault
-                )
+                done = len(last) == load.sim.n_devices and min(last.values()) >= next_ts
             else:
                 done = not load.running and _influx_count(stack, s) >= load.readings_sent
             if done:
@@ -346,6 +343,22 @@ def _wait_recovered(
             break
         time.sleep(0.2)
     return recovered, also_s
+
+
+def _wait_settled(stack: PipelineStack, s: Settings, target: int, timeout_s: float, idle_s: float = 15.0) -> None:
+    """Until InfluxDB holds ``target`` points, or its count has not moved for ``idle_s`` (something was
+    lost: waiting longer would not bring it), or ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        n = _influx_count(stack, s)
+        if n >= target:
+            return
+        if n != last:
+            last, since = n, time.monotonic()
+        elif time.monotonic() - since >= idle_s:
+            return
+        time.sleep(0.5)
 
 
 def _live(stack: PipelineStack) -> list[WorkerProcess]:
@@ -424,16 +437,10 @@ class CommittedOffsets:
 # -- outputs and the reference ------------------------------------------------------------------------
 
 
-def _read_scores(stack: PipelineStack, s: Settings, expected: int, timeout_s: float) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout_s
-    out: list[dict[str, Any]] = []
-    while True:
-        remaining = deadline - time.monotonic()
-        records = read_all(stack.bootstrap, s.scores_topic, idle_timeout_s=0.5, timeout_s=max(5.0, min(60, remaining)))
-        out = [msgspec.json.decode(r.value) for r in records if r.value]
-        if len({(x["device_id"], x["ts"]) for x in out}) >= expected or remaining <= 0:
-            return out
-        time.sleep(0.5)
+def _read_scores(stack: PipelineStack, s: Settings, expected: int) -> list[dict[str, Any]]:
+    """Every message of the scores topic (written right after InfluxDB, so settled with it)."""
+    records = read_all(stack.bootstrap, s.scores_topic, idle_timeout_s=1.0, timeout_s=30, min_records=expected)
+    return [msgspec.json.decode(r.value) for r in records if r.value]
 
 
 def _influx_points(stack: PipelineStack, s: Settings, devices: Sequence[str]) -> list[dict[str, Any]]:
@@ -582,9 +589,8 @@ def settle_and_verify(
         out.checks["load_ran"] = False
         out.details["load_error"] = repr(load.error)
     t0 = time.monotonic()
-    _wait_until(lambda: _influx_count(stack, s) >= len(sent), cfg.settle_timeout_s, 0.5)
-    remaining = max(10.0, cfg.settle_timeout_s - (time.monotonic() - t0))
-    scores = _read_scores(stack, s, len(sent), remaining)
+    _wait_settled(stack, s, len(sent), cfg.settle_timeout_s)
+    scores = _read_scores(stack, s, len(sent))
     points = _influx_points(stack, s, load.sim.device_ids)
     readings = read_all(stack.bootstrap, s.readings_topic, min_records=len(sent), timeout_s=60)
     # Only valid, on-time readings are sent: a dead letter (e.g. "late") would be a replayed reading
@@ -593,7 +599,7 @@ def settle_and_verify(
     out.details["dead_letters"] = len(dead)
     out.checks["no_dead_letters"] = not dead
     out.details["settle_s"] = round(time.monotonic() - t0, 1)
-    out.details["faust_dropped_messages"] = faust_drops(stack)
+    out.details["faust_dropped_messages"], dropped = faust_drops(stack)
 
     score_keys = Counter((x["device_id"], int(x["ts"])) for x in scores)
     point_keys = Counter((p["device"], p["ts"]) for p in points)
@@ -629,13 +635,17 @@ def settle_and_verify(
     out.state_mismatch_max = max(w1, w2) if ref else None
     out.status_mismatches = b1 + b2
     lost = sorted(sent - (point_keys.keys() & score_keys.keys()))
+    if lost:
+        # Readings never scored that Faust's consumer logged as dropped in a worker (see faust_drops).
+        out.details["lost_dropped_by_faust_consumer"] = len(set(lost) & dropped)
     if lost or off1 or off2:
         # Evidence for a failure: a few examples here, every output of the devices concerned on disk.
         out.details["lost_examples"] = [
             {"device": d, "ts": ts, "in_influx": (d, ts) in point_keys, "in_scores": (d, ts) in score_keys}
             for d, ts in lost[:10]
         ]
-        out.details["mismatch_examples"] = sorted(off1 + off2, key=lambda x: (x["device"], x["ts"]))[:10]
+        differ = [{**x, "in": "scores"} for x in off1] + [{**x, "in": "influx"} for x in off2]
+        out.details["mismatch_examples"] = sorted(differ, key=lambda x: (x["device"], x["ts"]))[:10]
         devices = {d for d, _ in lost} | {x["device"] for x in off1 + off2}
         path = s.data_dir / "mismatches.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -643,7 +653,7 @@ def settle_and_verify(
             json.dumps(
                 {
                     "lost": lost,
-                    "differ": off1 + off2,
+                    "differ": differ,
                     "scores": [x for x in scores if x["device_id"] in devices],
                     "points": [p for p in points if p["device"] in devices],
                     "readings": [
@@ -666,19 +676,29 @@ def _child_env(cfg: FaultConfig) -> dict[str, str]:
     return {"DEVLOG": "1"} if cfg.faust_devlog else {}
 
 
-def faust_drops(stack: PipelineStack) -> dict[str, int]:
-    """Messages Faust's consumer dropped (offset below its read offset), per worker log; DEVLOG=1 only."""
-    out = {}
+_DROPPED = re.compile(r"DROPPED MESSAGE ROFF \d+: k=b'([^']*)' v=b'\{\"device_id\":\"[^\"]*\",\"ts\":(\d+)")
+
+
+def faust_drops(stack: PipelineStack) -> tuple[dict[str, int], set[tuple[str, int]]]:
+    """Messages Faust's consumer dropped (offset below its read offset; logged with DEVLOG=1): the count per
+    worker log, and the (device, ts) of the readings among them."""
+    counts: dict[str, int] = {}
+    readings: set[tuple[str, int]] = set()
     if stack.run_dir is not None:
         for path in sorted(stack.run_dir.glob("*.log")):
+            n = 0
             try:
                 with path.open(errors="replace") as f:
-                    n = sum(1 for line in f if "DROPPED MESSAGE ROFF" in line)
+                    for line in f:
+                        if "DROPPED MESSAGE ROFF" in line:
+                            n += 1
+                            if m := _DROPPED.search(line):
+                                readings.add((m.group(1), int(m.group(2))))
             except OSError:
                 continue
             if n:
-                out[path.stem] = n
-    return out
+                counts[path.stem] = n
+    return counts, readings
 
 
 def scenario_settings(base: Settings, name: str, data_dir: Path, cfg: FaultConfig) -> Settings:

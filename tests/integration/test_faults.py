@@ -1,0 +1,89 @@
+"""Fault injection on the real local stack (bench/faults.py), with short streams and outages.
+
+Each test runs one scenario on a fresh stack (Tansu, InfluxDB, ``iotad worker`` processes) while a
+simulated fleet streams in, and checks that no reading is lost or scored twice and that every score equals
+an uninterrupted in-process run of the same input. The whole file takes about 2.5 minutes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bench.faults import FaultConfig, Outcome, run_scenario
+from connectors.localstack import ServerStartError
+from pipeline.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+# 12 devices x 4 steps/s = 48 readings/s.
+FAST = FaultConfig(
+    devices=12,
+    steps_per_s=4.0,
+    stream_s=24.0,
+    outage_s=8.0,
+    before_outage_s=3.0,
+    after_outage_s=3.0,
+    settle_timeout_s=45.0,
+)
+
+
+def _run(name: str, tmp_path: Path, cfg: FaultConfig = FAST) -> Outcome:
+    try:
+        out = run_scenario(name, cfg, Settings(), tmp_path)
+    except ServerStartError as exc:
+        if os.environ.get("CI") == "true":
+            raise  # in CI a server that cannot start is a failure, never a skip
+        pytest.skip(f"local servers unavailable: {exc}")
+    assert out.readings_sent > 0
+    assert out.lost == 0, out.to_dict()
+    assert out.duplicated == 0, out.to_dict()
+    assert out.unexpected == 0, out.to_dict()
+    assert out.status_mismatches == 0, out.to_dict()
+    assert out.state_mismatch_max is not None and out.state_mismatch_max < 1e-4, out.to_dict()
+    assert out.recovered_within_s is not None, out.to_dict()
+    assert all(out.checks.values()), out.checks
+    assert out.ok
+    return out
+
+
+_FAUST_REFETCH_BUG = (
+    "known bug, issue 6: after a SIGKILL or a rebalance Faust's consumer sometimes drops re-fetched messages "
+    "below its read offset ('DROPPED MESSAGE ROFF'), losing 1-650 readings in ~1 of 8 runs; "
+    "run with IOTAD_FAULT_TESTS=1 (see ARCHITECTURE.md, Known issues)"
+)
+
+
+@pytest.mark.skipif(os.environ.get("IOTAD_FAULT_TESTS") != "1", reason=_FAUST_REFETCH_BUG)
+def test_worker_killed_three_times_mid_stream(tmp_path: Path) -> None:
+    out = _run("kill", tmp_path)
+    kills = out.details["kills"]
+    assert len(kills) == 3 and all(k["mid_stream"] for k in kills)
+    assert out.influx_points == out.readings_sent  # replays overwrote their points
+
+
+@pytest.mark.skipif(os.environ.get("IOTAD_FAULT_TESTS") != "1", reason=_FAUST_REFETCH_BUG)
+def test_rebalance_two_one_two_workers_under_load(tmp_path: Path) -> None:
+    out = _run("rebalance", tmp_path, replace(FAST, stream_s=22.0))
+    assigned = [sorted(p["assigned"]) for p in out.details["phases"]]
+    assert assigned == [[2, 2], [4], [2, 2]]
+    assert sum(out.details["devices_tracked_per_worker"]) == FAST.devices
+
+
+def test_influx_outage_applies_backpressure(tmp_path: Path) -> None:
+    out = _run("influx_outage", tmp_path)
+    d = out.details
+    assert d["sink_retries"] > 0
+    assert d["readings_sent_during_outage"] > 0
+    assert d["consumed_after_stall"] == 0 and d["committed_after_stall"] in (0, None)
+    assert d["rss_growth_mib"] < FAST.rss_growth_bound_mib
+
+
+def test_model_swap_under_load(tmp_path: Path) -> None:
+    out = _run("model_swap", tmp_path, replace(FAST, stream_s=16.0))
+    per_version = out.details["influx_points_per_version"]
+    assert len(per_version) == 2 and sum(per_version.values()) == out.readings_sent
+    assert out.details["model_swaps"] == 1
