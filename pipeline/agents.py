@@ -32,14 +32,12 @@ from models.detector import Detector
 from models.drift import DriftMonitor
 from models.scoring import Status
 from pipeline import control as ctl
-from pipeline.app import Components, build_detector, fetch_version
+from pipeline.app import Components, build_detector, fetch_version, write_checkpoints
 from pipeline.groups import device_grouper
 from pipeline.processor import BatchResult, Inbound
 from pipeline.records import DeadLetter, score_json, score_line
 
 log = logging.getLogger(__name__)
-
-CHANGELOG_MARKER = b"\x00checkpoint"
 
 
 class ScoringService:
@@ -266,30 +264,10 @@ class ScoringService:
                 self.c.metrics.retrain_requests.labels(group).inc()
 
     async def _checkpoint(self, devices: set[str]) -> None:
-        """Write the touched devices' state to the table's changelog, then close it with markers.
-
-        Each checkpoint goes to the changelog partition numbered like the device's readings partition
-        (co-partitioning by construction, whatever the producer's partitioner), straight through the
-        producer: Faust's per-key table machinery costs several times more per record, and recovery
-        only needs the records. The local table view is updated in place.
-
-        Tansu 0.6 reports a partition's high watermark as the base offset of its last record batch
-        + 1, so Faust's recovery (which reads up to the high watermark) would miss the rest of a
-        batched checkpoint. A marker record alone in its batch at the end makes that watermark exact.
-        Harmless on Kafka: the marker key is not a valid device id and nothing reads it.
-        """
-        producer = self.c.app.producer
-        table = self.c.table
-        topic = table.changelog_topic.get_topic_name()
-        pending: list[Awaitable[Any]] = []
-        partitions = set()
-        for device_id, (partition, blob) in self.c.processor.checkpoint(devices).items():
-            key = device_id.encode()
-            table.data[key] = blob
-            pending.append(await producer.send(topic, key, blob, partition, None, None))
-            partitions.add(partition)
-        await asyncio.gather(*pending)
-        await asyncio.gather(*[await producer.send(topic, CHANGELOG_MARKER, b"", p, None, None) for p in partitions])
+        """The touched devices' state to the table's changelog, each to the changelog partition numbered like
+        the device's readings partition (co-partitioning by construction, whatever the partitioner)."""
+        records = {dev.encode(): item for dev, item in self.c.processor.checkpoint(devices).items()}
+        await write_checkpoints(self.c.app, self.c.table, records)
 
 
 def register(comp: Components) -> ScoringService:

@@ -40,9 +40,8 @@ from faust.types import TP, EventT, StreamT, TableT
 
 from connectors.alert_delivery import DeliveryResult, ReceiverDefaults, RetryPolicy, Router, load_router
 from connectors.kafka_security import security_for
-from pipeline.agents import CHANGELOG_MARKER
 from pipeline.alerting import STORM_KEY, AlertEngine, AlertEvent, decode_score, encode_event, policy_from
-from pipeline.app import make_faust_app
+from pipeline.app import make_faust_app, write_checkpoints
 from pipeline.lag import install_lag_monitor
 from pipeline.metrics import Metrics
 from pipeline.settings import Settings
@@ -158,22 +157,10 @@ class LifecycleService:
         devices, storms = c.engine.take_dirty()
         if not devices and not storms:
             return
-        producer, table = c.app.producer, c.table
-        topic = table.changelog_topic.get_topic_name()
-        pending: list[Awaitable[Any]] = []
-        partitions: set[int] = set()
-        for device, (partition, blob) in c.engine.checkpoint(devices).items():
-            key = device.encode()
-            table.data[key] = blob
-            pending.append(await producer.send(topic, key, blob, partition, None, None))
-            partitions.add(partition)
+        records = {device.encode(): item for device, item in c.engine.checkpoint(devices).items()}
         if storms:
-            blob = c.engine.storm_blob()
-            table.data[STORM_KEY] = blob
-            pending.append(await producer.send(topic, STORM_KEY, blob, 0, None, None))
-            partitions.add(0)
-        await asyncio.gather(*pending)
-        await asyncio.gather(*[await producer.send(topic, CHANGELOG_MARKER, b"", p, None, None) for p in partitions])
+            records[STORM_KEY] = (0, c.engine.storm_blob())
+        await write_checkpoints(c.app, c.table, records)
 
 
 def _dlq_headers(reason: str, detail: str, msg: Any, extra: Mapping[str, str] | None = None) -> list[tuple[str, bytes]]:
