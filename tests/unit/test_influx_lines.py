@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from influxdb_client import Point, WritePrecision
 
@@ -58,7 +59,6 @@ def test_field_values():
 
 
 def test_numpy_scalars():
-    np = pytest.importorskip("numpy")
     assert format_field_value(np.float32(0.5)) == "0.5"
     assert format_field_value(np.int64(7)) == "7i"
     assert format_field_value(np.bool_(True)) == "true"
