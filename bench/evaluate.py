@@ -29,6 +29,7 @@ from models.scoring import (
     LikelihoodThreshold,
     ReferenceDeviation,
     ScoringConfig,
+    SeasonalDeviation,
     Threshold,
 )
 from models.training import TrainConfig, save_trained, train
@@ -94,6 +95,13 @@ class NabConfig:
     reference_span: float = 10.0
     reference_steps: int = 100
     reference_halflife: float = 200.0
+    # Per-file likelihood probation from the file's prefix (Numenta's split of NAB's probationary period:
+    # the first half is learning, the second estimates the distribution); else ``estimation_steps`` for all.
+    prefix_probation: bool = True
+    # Ensemble with a SeasonalDeviation: the value vs the file's own hour-of-day profile (the context bin
+    # comes from the row's timestamp; it is an input, never scored itself).
+    seasonal: bool = True
+    seasonal_bins: int = 24
 
 
 @dataclass
@@ -108,8 +116,14 @@ class Streamed:
     steps: int
 
 
-def stream(detector: Detector, inputs: Sequence[np.ndarray], names: Sequence[str]) -> Streamed:
-    """Advance every series (one slot each) through ``detector``: one batched step per time index."""
+def stream(
+    detector: Detector,
+    inputs: Sequence[np.ndarray],
+    names: Sequence[str],
+    context: Sequence[np.ndarray] | None = None,
+) -> Streamed:
+    """Advance every series (one slot each) through ``detector``: one batched step per time index.
+    ``context`` (one ``(T_i,)`` int array per series), if given, is passed along with each row."""
     slots = np.array([detector.slot(n) for n in names], dtype=np.int64)
     lengths = np.array([len(x) for x in inputs])
     f = inputs[0].shape[1]
@@ -118,12 +132,16 @@ def stream(detector: Detector, inputs: Sequence[np.ndarray], names: Sequence[str
     flag = [np.zeros(n, bool) for n in lengths]
     fc = [np.full((n, f), np.nan) for n in lengths]
     padded = np.zeros((len(inputs), int(lengths.max()), f))
+    ctx = np.full((len(inputs), int(lengths.max())), -1, np.int64)
     for i, x in enumerate(inputs):
         padded[i, : len(x)] = x
+        if context is not None:
+            ctx[i, : len(x)] = context[i]
     started = time.perf_counter()
     for t in range(int(lengths.max())):
         active = np.flatnonzero(lengths > t)
-        out = detector.step(slots[active], padded[active, t])
+        c = ctx[active, t] if context is not None else None
+        out = detector.step(slots[active], padded[active, t], context=c)
         for j, i in enumerate(active.tolist()):
             score[i][t] = out.score[j]
             thr[i][t] = out.threshold[j]
@@ -181,7 +199,30 @@ def nab_threshold(cfg: NabConfig) -> Threshold:
         if cfg.reference
         else None
     )
-    return LikelihoodThreshold(lik, cfg.flag_value, ref)
+    seasonal = SeasonalDeviation(bins=cfg.seasonal_bins, span=cfg.reference_span) if cfg.seasonal else None
+    return LikelihoodThreshold(lik, cfg.flag_value, ref, seasonal)
+
+
+def hour_of_day(timestamps: Sequence[str], bins: int = 24) -> np.ndarray:
+    """The seasonal bin of each timestamp: its time of day in ``bins`` equal parts (24: the hour)."""
+    t = np.array([ts.strip().replace(" ", "T") for ts in timestamps], dtype="datetime64[s]").astype(np.int64)
+    return ((t % 86400) * bins // 86400).astype(np.int64)
+
+
+def set_prefix_probation(det: Detector, names: Sequence[str], prefixes: Sequence[int], cfg: NabConfig) -> None:
+    """Allocate the slots of ``names`` and give each likelihood the probation of its file's prefix: rows up
+    to half the prefix are not learnt, the rest of the prefix estimates the distribution, so scoring starts
+    where NAB starts scoring. The likelihood sees a row only once the error statistics are warm (row
+    ``1 + burnin + warmup``), so the learning part is counted from there."""
+    thr = det.threshold
+    if not isinstance(thr, LikelihoodThreshold):
+        raise TypeError("prefix probation needs the likelihood threshold")
+    first_seen = 1 + cfg.burnin_steps + cfg.warmup_steps
+    slots = np.array([det.slot(n) for n in names], np.int64)
+    p = np.asarray(prefixes, np.int64)
+    learning = np.maximum(p // 2 - first_seen, 0)
+    estimation = np.maximum(p - np.maximum(p // 2, first_seen), 1)
+    thr.likelihood.set_probation(slots, learning, estimation)
 
 
 def run_nab(
@@ -239,7 +280,10 @@ def run_nab(
         burnin_steps=cfg.burnin_steps,
     )
     det = Detector(artifact, scoring, nab_threshold(cfg), device="cpu", capacity=len(series))
-    streamed = stream(det, z, [s.name for s in series])
+    if cfg.prefix_probation:
+        set_prefix_probation(det, [s.name for s in series], [s.probation for s in series], cfg)
+    context = [hour_of_day(s.timestamps, cfg.seasonal_bins) for s in series] if cfg.seasonal else None
+    streamed = stream(det, z, [s.name for s in series], context)
     log(f"streamed {streamed.steps} batched steps in {streamed.seconds:.1f}s")
     scores = [np.nan_to_num(sc, nan=0.0) for sc in streamed.score]
 

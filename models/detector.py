@@ -140,11 +140,14 @@ class Detector:
         self.threshold.reset(slots)
 
     @torch.inference_mode()
-    def step(self, slots: np.ndarray, x: np.ndarray, observed: np.ndarray | None = None) -> StepOutput:
+    def step(
+        self, slots: np.ndarray, x: np.ndarray, observed: np.ndarray | None = None, context: np.ndarray | None = None
+    ) -> StepOutput:
         """Advance ``slots`` (distinct) by one step with raw readings ``x`` ``(B, F)``.
 
         ``observed`` false marks imputed (gap-filled) rows: they advance the state but neither learn
-        nor can be flagged.
+        nor can be flagged. ``context`` ``(B,)`` int, optional, is each row's seasonal bin (e.g. its hour
+        of day, -1 unknown): an input of the threshold's transform that is neither forecast nor scored.
         """
         b = len(slots)
         obs = np.ones(b, bool) if observed is None else observed
@@ -158,7 +161,7 @@ class Detector:
         scored = has & obs
         warm = sb.warm & scored
         # The threshold may map the raw score (e.g. to an anomaly likelihood); identity by default.
-        reported = self.threshold.transform(slots, sb.score, xz, warm)
+        reported = self.threshold.transform(slots, sb.score, xz, warm, context)
         is_anomaly = warm & (reported > thr)
         # The first forecasts after a reset come from a cold state; their errors would inflate the
         # device's error statistics for many half-lives, so they neither learn nor score as ok.

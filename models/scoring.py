@@ -111,12 +111,16 @@ class Threshold(abc.ABC):
     def update(self, slots: np.ndarray, scores: np.ndarray, learn: np.ndarray) -> None:
         """Learn from ``scores`` where ``learn`` is true."""
 
-    def transform(self, slots: np.ndarray, scores: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    def transform(
+        self, slots: np.ndarray, scores: np.ndarray, x: np.ndarray, seen: np.ndarray, context: np.ndarray | None = None
+    ) -> np.ndarray:
         """The score compared with :meth:`values` and reported, from the raw score ``(B,)``.
 
         Called once per step before :meth:`update`, with the step's normalised inputs ``x`` ``(B, F)`` and
-        ``seen`` (rows with a raw score, i.e. a forecast and an observed reading). Identity by default; a
-        stateful transform advances its per-slot state for the ``seen`` rows here.
+        ``seen`` (rows with a raw score, i.e. a forecast and an observed reading). ``context`` ``(B,)`` int,
+        if given, is each row's seasonal bin (e.g. its hour of day; -1 unknown), an input that is not
+        scored itself (see :class:`SeasonalDeviation`). Identity by default; a stateful transform advances
+        its per-slot state for the ``seen`` rows here.
         """
         return scores
 
@@ -267,6 +271,9 @@ class AnomalyLikelihood:
 
     * **Probation**: the first ``learning_steps`` averages are neither scored nor learnt; the next
       ``estimation_steps`` are learnt but report the neutral 0.5 likelihood; after that the slot scores.
+      Both are per slot: the constructor's values are the defaults, :meth:`set_probation` gives a slot
+      its own (e.g. half of a series' calibration prefix for learning and half for estimation, as
+      Numenta's detector splits NAB's probationary period).
     * **Suppression** (``suppress``): as in Numenta's ``_filterLikelihoods``, while the tail stays in the
       red zone (``<= red``) only its first step reports it; the following red steps report ``yellow``.
     * **Scale** of the reported score: ``"htm"`` is Numenta's log-likelihood (saturates at 1 for tails
@@ -314,6 +321,8 @@ class AnomalyLikelihood:
         self.var = np.zeros(0)
         self.count = np.zeros(0, np.int64)  # averages learnt
         self.prev_red = np.zeros(0, bool)
+        self.learn_n = np.zeros(0, np.int64)  # per-slot probation (see set_probation)
+        self.estimate_n = np.zeros(0, np.int64)
         self.lo = np.zeros((0, 0))  # spatial range, (N, F) once the feature count is known
         self.hi = np.zeros((0, 0))
 
@@ -332,6 +341,8 @@ class AnomalyLikelihood:
         self.var = np.concatenate([self.var, np.zeros(extra)])
         self.count = np.concatenate([self.count, np.zeros(extra, np.int64)])
         self.prev_red = np.concatenate([self.prev_red, np.zeros(extra, bool)])
+        self.learn_n = np.concatenate([self.learn_n, np.full(extra, self.learning_steps, np.int64)])
+        self.estimate_n = np.concatenate([self.estimate_n, np.full(extra, self.estimation_steps, np.int64)])
         f = self.lo.shape[1]
         self.lo = np.concatenate([self.lo, np.full((extra, f), np.nan)])
         self.hi = np.concatenate([self.hi, np.full((extra, f), np.nan)])
@@ -344,12 +355,22 @@ class AnomalyLikelihood:
         self.var[slots] = 0.0
         self.count[slots] = 0
         self.prev_red[slots] = False
+        self.learn_n[slots] = self.learning_steps
+        self.estimate_n[slots] = self.estimation_steps
         self.lo[slots] = np.nan
         self.hi[slots] = np.nan
 
+    def set_probation(self, slots: np.ndarray, learning_steps: np.ndarray, estimation_steps: np.ndarray) -> None:
+        """Give ``slots`` their own probation (call after the slot's reset; kept by export/restore)."""
+        learning, estimation = np.asarray(learning_steps, np.int64), np.asarray(estimation_steps, np.int64)
+        if (learning < 0).any() or (estimation < 1).any():
+            raise ValueError("learning_steps must be >= 0 and estimation_steps >= 1")
+        self.learn_n[slots] = learning
+        self.estimate_n[slots] = estimation
+
     def ready(self, slots: np.ndarray) -> np.ndarray:
         """Slots past their probation (scoring)."""
-        return self.count[slots] >= self.estimation_steps
+        return self.count[slots] >= self.estimate_n[slots]
 
     def _spatial(self, slots: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
         if self.lo.shape[1] != x.shape[1]:
@@ -399,7 +420,7 @@ class AnomalyLikelihood:
 
     def update(self, slots: np.ndarray, learn: np.ndarray) -> None:
         """Learn the last averages of ``slots`` where ``learn`` is true (past ``learning_steps``)."""
-        ok = learn & (self.n[slots] > self.learning_steps)
+        ok = learn & (self.n[slots] > self.learn_n[slots])
         if not self.learn_red:
             ok &= ~self.prev_red[slots]
         s = slots[ok]
@@ -415,26 +436,35 @@ class AnomalyLikelihood:
     def export(self, slot: int) -> list[float]:
         head = [float(self.n[slot]), float(self.count[slot]), float(self.mean[slot]), float(self.var[slot])]
         head += [float(self.prev_red[slot]), float(self.avg[slot])]
-        return head + self.buf[slot].tolist() + self.lo[slot].tolist() + self.hi[slot].tolist()
+        probation = [float(self.learn_n[slot]), float(self.estimate_n[slot])]
+        return head + self.buf[slot].tolist() + self.lo[slot].tolist() + self.hi[slot].tolist() + probation
 
     def restore(self, slot: int, state: list[float]) -> None:
+        """Load what :meth:`export` produced (a state exported before per-slot probation existed, 2 values
+        shorter, keeps the default probation)."""
         f = self.lo.shape[1]
-        if len(state) != 6 + self.window + 2 * f:
+        base = 6 + self.window + 2 * f
+        if len(state) not in (base, base + 2):
             return
+        if len(state) == base + 2:
+            self.learn_n[slot], self.estimate_n[slot] = int(state[base]), int(state[base + 1])
         self.n[slot], self.count[slot] = int(state[0]), int(state[1])
         self.mean[slot], self.var[slot] = state[2], state[3]
         self.prev_red[slot], self.avg[slot] = bool(state[4]), state[5]
         self.buf[slot] = state[6 : 6 + self.window]
         self.lo[slot] = state[6 + self.window : 6 + self.window + f]
-        self.hi[slot] = state[6 + self.window + f :]
+        self.hi[slot] = state[6 + self.window + f : base]
 
 
 class LikelihoodThreshold(Threshold):
     """Adaptive and unsupervised: the raw score becomes the anomaly likelihood of :class:`AnomalyLikelihood`
     (log-scaled, in ``[0, 1]``), and a step is flagged when that exceeds ``value`` (0.5 = tail 1e-5).
 
+    The raw score may first be put in an ensemble (max) with a :class:`ReferenceDeviation` of the inputs
+    (``reference``) and a :class:`SeasonalDeviation` (``seasonal``, which needs the step's ``context``).
     The detector reports the likelihood as the step's score. Flagged steps are not learnt by the
-    likelihood distribution unless the scoring config lets anomalies be learnt.
+    likelihood distribution (nor by the ensemble's levels) unless the scoring config lets anomalies be
+    learnt.
     """
 
     name = "likelihood"
@@ -444,47 +474,76 @@ class LikelihoodThreshold(Threshold):
         likelihood: AnomalyLikelihood | None = None,
         value: float = 0.5,
         reference: ReferenceDeviation | None = None,
+        seasonal: SeasonalDeviation | None = None,
     ) -> None:
         self.likelihood = likelihood or AnomalyLikelihood()
         self.value = value
         self.reference = reference  # optional ensemble: raw = max(raw, reference deviation of the inputs)
+        self.seasonal = seasonal  # optional ensemble: raw = max(raw, seasonal deviation of the inputs)
 
     def grow(self, capacity: int) -> None:
         self.likelihood.grow(capacity)
         if self.reference is not None:
             self.reference.grow(capacity)
+        if self.seasonal is not None:
+            self.seasonal.grow(capacity)
 
     def reset(self, slots: np.ndarray) -> None:
         self.likelihood.reset(slots)
         if self.reference is not None:
             self.reference.reset(slots)
+        if self.seasonal is not None:
+            self.seasonal.reset(slots)
 
     def values(self, slots: np.ndarray) -> np.ndarray:
         return np.full(len(slots), self.value)
 
-    def transform(self, slots: np.ndarray, scores: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    def transform(
+        self, slots: np.ndarray, scores: np.ndarray, x: np.ndarray, seen: np.ndarray, context: np.ndarray | None = None
+    ) -> np.ndarray:
+        scores = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0)
         if self.reference is not None:
-            scores = np.maximum(np.nan_to_num(scores, nan=0.0), self.reference.step(slots, x, seen))
+            scores = np.maximum(scores, self.reference.step(slots, x, seen))
+        if self.seasonal is not None:
+            bins = np.full(len(slots), -1, np.int64) if context is None else np.asarray(context, np.int64)
+            scores = np.maximum(scores, self.seasonal.step(slots, x, seen, bins))
         return self.likelihood.step(slots, scores, x, seen)
 
     def update(self, slots: np.ndarray, scores: np.ndarray, learn: np.ndarray) -> None:
         self.likelihood.update(slots, learn)
         if self.reference is not None:
             self.reference.update(slots, learn)
+        if self.seasonal is not None:
+            self.seasonal.update(slots, learn)
 
     def export(self, slot: int) -> list[float]:
-        if self.reference is None:
+        if self.reference is None and self.seasonal is None:
             return self.likelihood.export(slot)
         own = self.likelihood.export(slot)
-        return [float(len(own)), *own, *self.reference.export(slot)]
+        ref = self.reference.export(slot) if self.reference is not None else []
+        if self.seasonal is None:
+            return [float(len(own)), *own, *ref]
+        return [float(len(own)), *own, float(len(ref)), *ref, *self.seasonal.export(slot)]
 
     def restore(self, slot: int, state: list[float]) -> None:
-        if self.reference is None:
+        if self.reference is None and self.seasonal is None:
             self.likelihood.restore(slot, state)
-        elif state:
-            k = int(state[0])
-            self.likelihood.restore(slot, state[1 : 1 + k])
-            self.reference.restore(slot, state[1 + k :])
+            return
+        if not state:
+            return
+        k = int(state[0])
+        self.likelihood.restore(slot, state[1 : 1 + k])
+        rest = state[1 + k :]
+        if self.seasonal is None:
+            if self.reference is not None:
+                self.reference.restore(slot, rest)
+            return
+        if not rest:
+            return
+        r = int(rest[0])
+        if self.reference is not None:
+            self.reference.restore(slot, rest[1 : 1 + r])
+        self.seasonal.restore(slot, rest[1 + r :])
 
 
 class ReferenceDeviation:
@@ -591,6 +650,173 @@ class ReferenceDeviation:
             getattr(self, name)[slot] = state[1 + i * f : 1 + (i + 1) * f]
 
 
+class SeasonalDeviation:
+    """Per-slot deviation of the smoothed input from the slot's own *seasonal profile* (batched, causal).
+
+    For series with a daily (or weekly) rhythm, an anomaly can be a value that is normal in itself but
+    not at that time (a daily peak that does not come, a holiday): neither a one-step forecast error
+    nor a single reference level sees it. Each step comes with a *context*, its seasonal bin (e.g. the
+    hour of day, from the reading's timestamp; -1 when unknown), which is an input but is not scored.
+    Per slot, feature and bin, the profile is the running mean of the input smoothed by an EWMA of
+    ``span`` steps (weight ``1/(k+1)`` for the bin's first steps, then that of a half-life of
+    ``halflife_steps`` steps spent in the bin), learnt only from the steps the caller lets learn (e.g.
+    not the flagged ones), as :class:`ReferenceDeviation`'s level. The score is
+    ``max_f |ema_f - profile[bin]_f| / scale_f`` where the scale is the larger of the running RMS of
+    the residuals of all bins (half-life ``scale_halflife`` steps) and that of the bin's own residuals
+    (once it has two; a bin coarser than the signal, e.g. the hour in which a daily step happens, varies
+    more within itself than the others), floored at ``scale_floor``. A bin scores once it has been
+    entered ``min_visits`` times (i.e. its profile holds ``min_visits - 1`` earlier periods) and
+    ``min_residuals`` residuals have been learnt; before that, and for an unknown bin, the score is 0.
+
+    Causal: the score at ``t`` compares the input up to ``t`` with a profile learnt before ``t``.
+    Memory: ``bins x (2F + 3)`` floats per slot.
+    """
+
+    def __init__(
+        self,
+        *,
+        bins: int = 24,
+        span: float = 10.0,
+        halflife_steps: float = 50.0,
+        scale_halflife: float = 200.0,
+        scale_floor: float = 0.1,
+        min_visits: int = 3,
+        min_residuals: int = 20,
+    ) -> None:
+        if bins < 1 or span < 1 or halflife_steps <= 0 or scale_halflife <= 0 or min_visits < 2:
+            raise ValueError("bins >= 1, span >= 1, half-lives > 0, min_visits >= 2")
+        self.bins, self.min_visits, self.min_residuals = bins, min_visits, min_residuals
+        self.alpha = 2.0 / (span + 1.0)
+        self.rate = float(1.0 - 0.5 ** (1.0 / halflife_steps))
+        self.scale_rate = float(1.0 - 0.5 ** (1.0 / scale_halflife))
+        self.scale_floor = scale_floor
+        self.f = 0
+        self.n = np.zeros(0, np.int64)  # seen steps
+        self.ema = np.zeros((0, 0))
+        self.prev_bin = np.zeros(0, np.int64)
+        self.profile = np.zeros((0, bins, 0))
+        self.count = np.zeros((0, bins), np.int64)  # steps learnt per bin
+        self.visits = np.zeros((0, bins), np.int64)  # entries into each bin
+        self.var = np.zeros((0, 0))  # running mean square residual, all bins
+        self.bin_var = np.zeros((0, bins, 0))  # running mean square residual per bin
+        self.bin_nres = np.zeros((0, bins), np.int64)
+        self.nres = np.zeros(0, np.int64)  # residuals learnt
+        self.res = np.zeros((0, 0))  # the last step's residual (what update() learns)
+        self.bin = np.zeros(0, np.int64)  # the last step's bin (-1: none)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.n)
+
+    def _features(self, f: int) -> None:
+        if f != self.f:
+            c = self.capacity
+            self.f = f
+            self.ema, self.var, self.res = np.zeros((c, f)), np.zeros((c, f)), np.zeros((c, f))
+            self.profile = np.zeros((c, self.bins, f))
+            self.bin_var = np.zeros((c, self.bins, f))
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - self.capacity
+        if extra <= 0:
+            return
+        f, b = self.f, self.bins
+        self.n = np.concatenate([self.n, np.zeros(extra, np.int64)])
+        self.nres = np.concatenate([self.nres, np.zeros(extra, np.int64)])
+        self.prev_bin = np.concatenate([self.prev_bin, np.full(extra, -1, np.int64)])
+        self.bin = np.concatenate([self.bin, np.full(extra, -1, np.int64)])
+        for name in ("ema", "var", "res"):
+            setattr(self, name, np.concatenate([getattr(self, name), np.zeros((extra, f))]))
+        self.profile = np.concatenate([self.profile, np.zeros((extra, b, f))])
+        self.bin_var = np.concatenate([self.bin_var, np.zeros((extra, b, f))])
+        self.bin_nres = np.concatenate([self.bin_nres, np.zeros((extra, b), np.int64)])
+        self.count = np.concatenate([self.count, np.zeros((extra, b), np.int64)])
+        self.visits = np.concatenate([self.visits, np.zeros((extra, b), np.int64)])
+
+    def reset(self, slots: np.ndarray) -> None:
+        self.n[slots] = 0
+        self.nres[slots] = 0
+        self.prev_bin[slots] = -1
+        self.bin[slots] = -1
+        for name in ("ema", "var", "res", "profile", "count", "visits", "bin_var", "bin_nres"):
+            getattr(self, name)[slots] = 0
+
+    def step(self, slots: np.ndarray, x: np.ndarray, seen: np.ndarray, bins: np.ndarray) -> np.ndarray:
+        """Scores ``(B,)`` of inputs ``x`` ``(B, F)`` in seasonal bins ``bins`` ``(B,)`` (-1: unknown);
+        advances the smoothing and the bin visits of the ``seen`` rows (the profile: see :meth:`update`)."""
+        x = np.asarray(x, np.float64)
+        self._features(x.shape[1])
+        b = np.where((bins >= 0) & (bins < self.bins), bins, -1).astype(np.int64)
+        s, xs, bs = slots[seen], x[seen], b[seen]
+        n = self.n[s]
+        ema = np.where((n == 0)[:, None], xs, self.ema[s] + self.alpha * (xs - self.ema[s]))
+        self.ema[s] = ema
+        self.n[s] += 1
+        known = bs >= 0
+        enter = known & (bs != self.prev_bin[s])
+        self.visits[s[enter], bs[enter]] += 1
+        self.prev_bin[s] = bs
+        bb = np.maximum(bs, 0)
+        res = ema - self.profile[s, bb]
+        has_profile = known & (self.count[s, bb] > 0)
+        self.res[s] = np.where(has_profile[:, None], res, np.nan)  # NaN: no residual to learn
+        self.bin[s] = bs
+        ready = has_profile & (self.visits[s, bb] >= self.min_visits) & (self.nres[s] >= self.min_residuals)
+        own = np.where((self.bin_nres[s, bb] >= 2)[:, None], self.bin_var[s, bb], 0.0)
+        scale = np.sqrt(np.maximum(np.maximum(self.var[s], own), self.scale_floor**2))
+        z = (np.abs(np.nan_to_num(res)) / scale).max(axis=1) if self.f else np.zeros(len(s))
+        out = np.zeros(len(slots))
+        out[seen] = np.where(ready, z, 0.0)
+        return out
+
+    def update(self, slots: np.ndarray, learn: np.ndarray) -> None:
+        """Learn the last step of the ``learn`` rows (once): its residual (the scale, if its bin already
+        had a profile) and its bin's profile."""
+        s = slots[learn]
+        s = s[self.bin[s] >= 0]
+        if len(s) == 0:
+            return
+        b = self.bin[s]
+        r = s[np.isfinite(self.res[s, 0])]
+        w = np.maximum(1.0 / (self.nres[r] + 1.0), self.scale_rate)[:, None]
+        self.var[r] += w * (self.res[r] ** 2 - self.var[r])
+        self.nres[r] += 1
+        rb = self.bin[r]
+        w = np.maximum(1.0 / (self.bin_nres[r, rb] + 1.0), self.scale_rate)[:, None]
+        self.bin_var[r, rb] += w * (self.res[r] ** 2 - self.bin_var[r, rb])
+        self.bin_nres[r, rb] += 1
+        k = self.count[s, b]
+        w = np.maximum(1.0 / (k + 1.0), self.rate)[:, None]
+        self.profile[s, b] += w * (self.ema[s] - self.profile[s, b])
+        self.count[s, b] += 1
+        self.bin[s] = -1  # learnt once
+
+    def export(self, slot: int) -> list[float]:
+        head = [float(self.n[slot]), float(self.nres[slot]), float(self.prev_bin[slot]), float(self.bin[slot])]
+        rows = [self.ema[slot], self.var[slot], self.res[slot], self.profile[slot].ravel(), self.bin_var[slot].ravel()]
+        ints = [self.count[slot], self.visits[slot], self.bin_nres[slot]]
+        return head + np.concatenate([*rows, *ints]).astype(np.float64).tolist()
+
+    def restore(self, slot: int, state: list[float]) -> None:
+        f, b = self.f, self.bins
+        if f == 0 and len(state) > 4 + 3 * b:
+            f = (len(state) - 4 - 3 * b) // (3 + 2 * b)
+            self._features(f)
+        if len(state) != 4 + 3 * f + 2 * b * f + 3 * b:
+            return
+        self.n[slot], self.nres[slot] = int(state[0]), int(state[1])
+        self.prev_bin[slot], self.bin[slot] = int(state[2]), int(state[3])
+        v = np.asarray(state[4:], np.float64)
+        self.ema[slot], self.var[slot], self.res[slot] = v[:f], v[f : 2 * f], v[2 * f : 3 * f]
+        o = 3 * f
+        self.profile[slot] = v[o : o + b * f].reshape(b, f)
+        self.bin_var[slot] = v[o + b * f : o + 2 * b * f].reshape(b, f)
+        o += 2 * b * f
+        self.count[slot] = v[o : o + b].astype(np.int64)
+        self.visits[slot] = v[o + b : o + 2 * b].astype(np.int64)
+        self.bin_nres[slot] = v[o + 2 * b :].astype(np.int64)
+
+
 class CalibratedThreshold(Threshold):
     """Per-slot threshold set once from the slot's own calibration period, SKAB's convention for its
     baselines: ``margin`` x the ``quantile`` of the scores of the last ``calibration_steps`` steps of the
@@ -642,7 +868,9 @@ class CalibratedThreshold(Threshold):
     def values(self, slots: np.ndarray) -> np.ndarray:
         return self.value[slots]
 
-    def transform(self, slots: np.ndarray, scores: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    def transform(
+        self, slots: np.ndarray, scores: np.ndarray, x: np.ndarray, seen: np.ndarray, context: np.ndarray | None = None
+    ) -> np.ndarray:
         raw = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0) * self.forecast_weight
         if self.reference is not None:
             raw = np.maximum(raw, self.reference.step(slots, x, seen))

@@ -90,9 +90,9 @@ def test_the_harness_steps_all_series_together_through_the_detector(tmp_path, mo
     batches: list[int] = []
     real_step = Detector.step
 
-    def spy(self, slots, x, observed=None):
+    def spy(self, slots, x, observed=None, context=None):
         batches.append(len(slots))
-        return real_step(self, slots, x, observed)
+        return real_step(self, slots, x, observed, context)
 
     monkeypatch.setattr(Detector, "step", spy)
     summary = ev.run_nab(data, out=tmp_path / "out", plots=False)

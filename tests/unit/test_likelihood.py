@@ -14,6 +14,7 @@ from models.scoring import (
     CalibratedThreshold,
     LikelihoodThreshold,
     ReferenceDeviation,
+    SeasonalDeviation,
     erfc,
     log_likelihood,
     make_threshold,
@@ -199,3 +200,139 @@ def test_calibrated_threshold_is_margin_times_the_calibration_quantile():
     other.grow(1)
     other.restore(0, state)
     assert other.values(np.array([0]))[0] == thr.values(np.array([0]))[0]
+
+
+def test_per_slot_probation_learns_from_half_and_scores_after_the_prefix():
+    rng = np.random.default_rng(7)
+    raw = np.abs(rng.normal(size=(300, 2)))
+    lik = AnomalyLikelihood(estimation_steps=100)
+    lik.grow(2)
+    slots = np.arange(2)
+    lik.set_probation(np.array([1]), np.array([40]), np.array([60]))
+    ready, counts = [], []
+    for t in range(300):
+        lik.step(slots, raw[t], np.zeros((2, 1)), np.ones(2, bool))
+        lik.update(slots, np.ones(2, bool))
+        ready.append(lik.ready(slots).copy())
+        counts.append(lik.count.copy())
+    r, c = np.array(ready), np.array(counts)
+    assert c[39, 1] == 0 and c[40, 1] == 1  # slot 1: its first 40 averages are not learnt
+    assert not r[98, 1] and r[99, 1]  # ready after 40 + 60 steps
+    assert not r[98, 0] and r[99, 0]  # slot 0: the default (100 estimation steps from the start)
+    assert c[40, 0] == 41
+    # export/restore keeps the slot's own probation; a state without it keeps the default
+    other = AnomalyLikelihood(estimation_steps=100)
+    other.grow(1)
+    other.step(np.array([0]), np.array([0.0]), np.zeros((1, 1)), np.array([False]))
+    lik.reset(np.array([1]))
+    lik.set_probation(np.array([1]), np.array([40]), np.array([60]))
+    other.restore(0, lik.export(1))
+    assert other.learn_n[0] == 40 and other.estimate_n[0] == 60
+    other.reset(np.array([0]))
+    other.restore(0, lik.export(1)[:-2])
+    assert other.learn_n[0] == 0 and other.estimate_n[0] == 100
+    with pytest.raises(ValueError):
+        lik.set_probation(np.array([0]), np.array([-1]), np.array([5]))
+
+
+def _daily(days: int, per_hour: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A daily square wave (high from 8 h to 18 h) with small noise; returns values (T, 1) and hour bins."""
+    t = np.arange(days * 24 * per_hour)
+    hour = (t // per_hour) % 24
+    x = np.where((hour >= 8) & (hour < 18), 3.0, 0.0) + 0.05 * rng.normal(size=len(t))
+    return x[:, None], hour
+
+
+def _run_seasonal(
+    sd: SeasonalDeviation, x: np.ndarray, bins: np.ndarray, learn: np.ndarray | None = None, flag: float = np.inf
+):
+    """One slot per column: x (T, B, F), bins (T, B); returns scores (T, B). Scores above ``flag`` are
+    not learnt (as the detector does with flagged steps)."""
+    t_len, b = bins.shape
+    sd.grow(b)
+    slots = np.arange(b)
+    out = []
+    for t in range(t_len):
+        out.append(sd.step(slots, x[t], np.ones(b, bool), bins[t]))
+        sd.update(slots, (np.ones(b, bool) if learn is None else learn[t]) & (out[-1] <= flag))
+    return np.array(out)
+
+
+def test_seasonal_deviation_flags_a_missing_daily_peak_that_a_level_cannot_see():
+    rng = np.random.default_rng(8)
+    x, hour = _daily(8, 4, rng)
+    x[6 * 96 + 8 * 4 : 6 * 96 + 18 * 4] = 0.0  # day 6: the daily peak does not come (values stay normal)
+    s = _run_seasonal(SeasonalDeviation(span=3), x[:, None, :], hour[:, None], flag=5.0)[:, 0]
+    assert (s[: 2 * 96] == 0).all()  # no score before a bin has been entered min_visits (3) times
+    normal = s[3 * 96 : 6 * 96]
+    assert normal.max() < 5  # the daily step itself is normal (its hours have their own scale)
+    assert s[6 * 96 + 9 * 4 : 6 * 96 + 17 * 4].min() > 2 * normal.max()
+    # an unknown bin scores 0 and changes nothing
+    sd = SeasonalDeviation()
+    sd.grow(1)
+    assert sd.step(np.array([0]), np.ones((1, 1)), np.array([True]), np.array([-1]))[0] == 0.0
+    assert sd.visits.sum() == 0
+
+
+def test_seasonal_deviation_is_causal_batched_and_restores_identically():
+    rng = np.random.default_rng(9)
+    x1, hour = _daily(6, 3, rng)
+    x2 = rng.normal(size=x1.shape)
+    x = np.stack([x1, x2], axis=1)  # (T, 2, 1)
+    bins = np.stack([hour, (hour + 5) % 24], axis=1)
+    together = _run_seasonal(SeasonalDeviation(span=3), x, bins)
+    for j in range(2):
+        alone = _run_seasonal(SeasonalDeviation(span=3), x[:, j : j + 1], bins[:, j : j + 1])
+        np.testing.assert_allclose(together[:, j], alone[:, 0], rtol=0, atol=1e-12)
+    changed = x.copy()
+    changed[300:] = 50.0  # the future does not change the past
+    np.testing.assert_array_equal(_run_seasonal(SeasonalDeviation(span=3), changed, bins)[:300], together[:300])
+    # flagged (not learnt) steps leave the profile alone: a shift that is never learnt stays visible
+    learn = np.ones(bins.shape, bool)
+    learn[300:] = False
+    kept = _run_seasonal(SeasonalDeviation(span=3), changed, bins, learn)
+    assert kept[-20:, 0].min() > 10
+    # export / restore continues identically
+    a = SeasonalDeviation(span=3)
+    _run_seasonal(a, x[:250], bins[:250])
+    b = SeasonalDeviation(span=3)
+    b.grow(3)
+    b.restore(2, a.export(1))
+    for t in range(250, len(x)):
+        sa = a.step(np.array([1]), x[t, 1:2], np.array([True]), bins[t, 1:2])
+        sb = b.step(np.array([2]), x[t, 1:2], np.array([True]), bins[t, 1:2])
+        assert sa[0] == pytest.approx(sb[0], abs=1e-12)
+        a.update(np.array([1]), np.array([True]))
+        b.update(np.array([2]), np.array([True]))
+
+
+def test_likelihood_threshold_with_a_seasonal_member_in_the_detector():
+    thr = LikelihoodThreshold(
+        AnomalyLikelihood(estimation_steps=40),
+        0.5,
+        ReferenceDeviation(skip_steps=5, reference_steps=20),
+        SeasonalDeviation(span=3),
+    )
+    det = make_detector(make_artifact(seed=4), warmup=5, threshold=thr)
+    rng = np.random.default_rng(10)
+    x = noisy(rng, 400, scale=0.3)
+    hours = (np.arange(400) // 4) % 24
+    outs = [det.step(np.array([det.slot("d")]), x[t][None], context=hours[t : t + 1]) for t in range(300)]
+    assert all(np.isnan(o.score[0]) or 0 <= o.score[0] <= 1 for o in outs)
+    assert thr.seasonal is not None and thr.seasonal.visits[det.slot("d")].sum() > 0
+    other = make_detector(
+        make_artifact(seed=4),
+        warmup=5,
+        threshold=LikelihoodThreshold(
+            AnomalyLikelihood(estimation_steps=40),
+            0.5,
+            ReferenceDeviation(skip_steps=5, reference_steps=20),
+            SeasonalDeviation(span=3),
+        ),
+    )
+    other.step(np.array([other.slot("d")]), x[0][None], context=hours[:1])  # learn the feature count
+    assert other.restore("d", det.export("d"))
+    for t in range(300, 400):
+        a = det.step(np.array([det.slot("d")]), x[t][None], context=hours[t : t + 1])
+        b = other.step(np.array([other.slot("d")]), x[t][None], context=hours[t : t + 1])
+        np.testing.assert_allclose(a.score, b.score, rtol=1e-6, atol=1e-9)
