@@ -376,6 +376,9 @@ class SkabConfig:
     reference_halflife: float = 100.0
     quantile: float = 0.99
     margin: float = 1.5
+    # A flagged step holds the reference level only of the sensors beyond the threshold (no lock-in on a
+    # sensor that drifts normally during another sensor's anomaly).
+    hold_features: bool = True
 
 
 def skab_threshold(cfg: SkabConfig, n_features: int) -> CalibratedThreshold:
@@ -398,6 +401,7 @@ def skab_threshold(cfg: SkabConfig, n_features: int) -> CalibratedThreshold:
         margin=cfg.margin,
         reference=reference if cfg.use_reference else None,
         forecast_weight=1.0 if cfg.use_forecast else 0.0,
+        hold_features=cfg.hold_features,
     )
 
 

@@ -579,6 +579,7 @@ class ReferenceDeviation:
         self.mean = np.zeros((0, 0))
         self.m2 = np.zeros((0, 0))
         self.level = np.zeros((0, 0))
+        self.z = np.zeros((0, 0))  # the last step's per-feature scores (B, F)
 
     @property
     def capacity(self) -> int:
@@ -630,12 +631,19 @@ class ReferenceDeviation:
             self.level[r] = self.mean[r]
         self.n[s] += 1
         z = np.abs(self.ema[slots] - self.level[slots]) / self._std(slots)
-        return np.where(seen & self.ready(slots), z.max(axis=1), 0.0)
+        self.z = np.where((seen & self.ready(slots))[:, None], z, 0.0)  # per feature, for the caller
+        return self.z.max(axis=1)
 
     def update(self, slots: np.ndarray, learn: np.ndarray) -> None:
-        """Let the level of the ``learn`` rows (past the reference period) follow their smoothed input."""
-        s = slots[learn & self.ready(slots)]
-        self.level[s] += self.rate * (self.ema[s] - self.level[s])
+        """Let the level of the ``learn`` rows (past the reference period) follow their smoothed input.
+        ``learn`` is ``(B,)`` (whole rows) or ``(B, F)`` (per feature)."""
+        mask = np.asarray(learn, bool)
+        if mask.ndim == 1:
+            mask = np.repeat(mask[:, None], self.ema.shape[1], axis=1)
+        mask = mask & self.ready(slots)[:, None]
+        rows = mask.any(axis=1)
+        s, m = slots[rows], mask[rows]
+        self.level[s] += np.where(m, self.rate * (self.ema[s] - self.level[s]), 0.0)
 
     def export(self, slot: int) -> list[float]:
         rows = [self.ema[slot], self.mean[slot], self.m2[slot], self.level[slot]]
@@ -824,8 +832,12 @@ class CalibratedThreshold(Threshold):
 
     The score it compares is ``max(forecast_weight * raw, reference(x))``: the detector's forecast-error
     score, optionally in an ensemble with a :class:`ReferenceDeviation` of the inputs (``reference``).
-    Flagged steps do not move the reference level unless the scoring config lets anomalies be learnt.
-    Memory: ``calibration_steps`` float32 per slot.
+    Flagged steps do not move the reference level unless the scoring config lets anomalies be learnt;
+    with ``hold_features`` a flagged step holds the level only of the features whose own reference
+    score is beyond the threshold, and the others keep following their input (a sensor that drifts
+    normally, e.g. a temperature warming up, while another one is anomalous would otherwise be held for
+    the whole anomaly and still be flagged long after it: a lock-in on a sensor that was never
+    anomalous). Memory: ``calibration_steps`` float32 per slot.
     """
 
     name = "calibrated"
@@ -839,12 +851,15 @@ class CalibratedThreshold(Threshold):
         margin: float = 1.5,
         reference: ReferenceDeviation | None = None,
         forecast_weight: float = 1.0,
+        hold_features: bool = False,
     ) -> None:
         if calibration_steps < 1 or skip_steps < 0 or not (0.0 < quantile <= 1.0):
             raise ValueError("calibration_steps >= 1, skip_steps >= 0, 0 < quantile <= 1")
         self.skip_steps, self.calibration_steps = skip_steps, calibration_steps
         self.quantile, self.margin = quantile, margin
         self.reference, self.forecast_weight = reference, forecast_weight
+        self.hold_features = hold_features
+        self._flagged = np.zeros(0, bool)  # this step's flags (transform -> update of the same step)
         self.n = np.zeros(0, np.int64)
         self.buf = np.zeros((0, calibration_steps), np.float32)
         self.value = np.zeros(0)
@@ -874,6 +889,7 @@ class CalibratedThreshold(Threshold):
         raw = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0) * self.forecast_weight
         if self.reference is not None:
             raw = np.maximum(raw, self.reference.step(slots, x, seen))
+        self._flagged = seen & (raw > self.value[slots])
         n = self.n[slots]
         k = n - self.skip_steps
         collect = seen & (k >= 0) & (k < self.calibration_steps)
@@ -887,7 +903,13 @@ class CalibratedThreshold(Threshold):
         return raw
 
     def update(self, slots: np.ndarray, scores: np.ndarray, learn: np.ndarray) -> None:
-        if self.reference is not None:
+        if self.reference is None:
+            return
+        if self.hold_features and len(self._flagged) == len(slots):
+            # flagged rows: the features below the threshold still learn
+            quiet = self.reference.z <= self.value[slots][:, None]
+            self.reference.update(slots, learn[:, None] | (self._flagged[:, None] & quiet))
+        else:
             self.reference.update(slots, learn)
 
     def export(self, slot: int) -> list[float]:

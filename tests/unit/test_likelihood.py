@@ -336,3 +336,33 @@ def test_likelihood_threshold_with_a_seasonal_member_in_the_detector():
         a = det.step(np.array([det.slot("d")]), x[t][None], context=hours[t : t + 1])
         b = other.step(np.array([other.slot("d")]), x[t][None], context=hours[t : t + 1])
         np.testing.assert_allclose(a.score, b.score, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("hold_features", [False, True])
+def test_hold_features_keeps_learning_the_sensors_that_are_not_anomalous(hold_features):
+    """Feature 0 is anomalous (shifted) for a while; feature 1 drifts slowly all along. Holding the whole
+    row locks feature 1's level in and flags it after the anomaly; holding only feature 0 does not."""
+    n = 1200
+    t = np.arange(n)
+    x = np.zeros((n, 1, 2))
+    x[:, 0, 1] = np.where(t > 500, (t - 500) * 0.003, 0.0)  # slow normal drift of feature 1 from 500 on
+    x[600:900, 0, 0] = 20.0  # anomaly on feature 0
+    x += np.random.default_rng(11).normal(0, 0.3, x.shape)
+    ref = ReferenceDeviation(span=10, skip_steps=10, reference_steps=100, halflife_steps=20)
+    thr = CalibratedThreshold(skip_steps=110, calibration_steps=200, reference=ref, hold_features=hold_features)
+    thr.grow(1)
+    slots = np.array([0])
+    flags = []
+    for i in range(n):
+        value = thr.values(slots)
+        raw = thr.transform(slots, np.zeros(1), x[i], np.ones(1, bool))
+        flagged = raw > value
+        flags.append(bool(flagged[0]))
+        thr.update(slots, raw, ~flagged)
+    f = np.array(flags)
+    assert f[610:890].all()  # the anomaly is flagged either way
+    assert not f[350:600].any()
+    if hold_features:
+        assert f[950:].mean() < 0.05  # feature 1 was learnt during the anomaly: no lock-in
+    else:
+        assert f[950:].mean() > 0.9  # feature 1 held at its pre-anomaly level: flagged to the end
