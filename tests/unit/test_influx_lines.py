@@ -12,6 +12,7 @@ from connectors.influx import (
     escape_field_key,
     escape_tag,
     format_field_value,
+    format_floats,
     format_line,
     parse_retry_after,
     quote_ident,
@@ -75,3 +76,36 @@ def test_parse_retry_after():
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+
+
+def _awkward_floats(rng: np.random.Generator, n: int) -> list[float]:
+    """Floats across every magnitude, both notations' boundaries, float32-widened values and specials."""
+    mags = 10.0 ** rng.uniform(-12, 24, n) * rng.choice([-1.0, 1.0], n)
+    values = mags.tolist() + mags.astype(np.float32).astype(np.float64).tolist() + np.round(mags, 4).tolist()
+    values += rng.integers(0, 2**64, n, dtype=np.uint64).view(np.float64).tolist()  # any bit pattern
+    values += [0.0, -0.0, 1.0, -1.0, 1e-4, -1e-4, 9.999999999999999e-5, 1e16, 9999999999999998.0, 1e15, 10.00001]
+    values += [5e-324, 1.7976931348623157e308, 0.1, 2.5e-05, 123.0, math.nan, math.inf, -math.inf]
+    return values
+
+
+def test_format_floats_is_format_field_value_or_declines():
+    rng = np.random.default_rng(7)
+    values = _awkward_floats(rng, 20_000)
+    expected = [format_field_value(v) for v in values]
+    taken = 0
+    for i in range(0, len(values), 10):
+        chunk = values[i : i + 10]
+        got = format_floats(chunk)
+        if got is not None:
+            assert got == expected[i : i + 10], chunk
+            taken += 1
+    assert taken > 0
+    # the fast path covers what sensors send and scores are
+    typical = (rng.normal(size=1000) * 100).tolist()
+    assert format_floats(typical) == [format_field_value(v) for v in typical]
+    assert format_floats([]) == []
+
+
+@pytest.mark.parametrize("value", [1, True, None, "1.5", [1.5], np.float32(0.5), math.nan, 1e-5, 1e20])
+def test_format_floats_declines_what_it_cannot_vouch_for(value):
+    assert format_floats([1.5, value, 2.0]) is None  # type: ignore[list-item]

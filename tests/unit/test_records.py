@@ -10,6 +10,7 @@ import pytest
 import torch
 from influxdb_client import Point, WritePrecision
 
+from connectors.influx import format_line
 from models.artifact import Artifact, Normaliser
 from models.detector import Detector
 from models.forecaster import Forecaster, ForecasterConfig
@@ -211,6 +212,72 @@ def test_full_precision_floats_round_trip():
     fields = parse_line(score_line(record(values=vals, score=math.pi), SENSORS, MEASUREMENT))[2]
     assert (fields["value_pressure"], fields["value_temp"], fields["value_vibration"]) == vals
     assert fields["score"] == math.pi
+
+
+def reference_line(r: ScoreRecord, sensors, measurement: str) -> str:
+    """The documented line, field by field through the generic formatter."""
+    fields = {
+        "score": r.score,
+        "threshold": r.threshold,
+        "is_anomaly": r.is_anomaly,
+        "status": r.status.value,
+        "top_sensor": r.top_sensor,
+        "n_readings": r.n_readings,
+    }
+    for i, s in enumerate(sensors):
+        fields[f"value_{s}"] = r.values[i]
+        if r.forecast is not None:
+            fields[f"forecast_{s}"] = r.forecast[i]
+    return format_line(measurement, {"device": r.device_id, "model_version": r.model_version}, fields, r.ts_ms)
+
+
+AWKWARD = [0.0, -0.0, 1.0, 1e-5, 1e-4, 123456.0, 1e16, 1e20, 10.00001, math.nan, math.inf, 5e-324, 0.1 + 0.2]
+
+
+@pytest.mark.parametrize(
+    ("sensors", "measurement"),
+    [(SENSORS, MEASUREMENT), (("a b", "x,=y", "p%s{0}", "é"), "m %s,{}"), (("only",), "m")],
+)
+def test_score_line_equals_the_field_by_field_line(sensors, measurement):
+    rng = np.random.default_rng(3)
+    n = len(sensors)
+
+    def num() -> float:
+        return float(rng.choice(AWKWARD)) if rng.random() < 0.1 else float(rng.normal() * 10.0 ** rng.integers(-3, 6))
+
+    for i in range(3000):
+        scored = rng.random() < 0.7
+        r = record(
+            device_id=["pump-17", "a b,c=d", "tail\\", "", "%s{}"][i % 5],
+            model_version=["t1", "", "v 2"][i % 3],
+            status=Status.OK if scored else Status.WARMING_UP,
+            score=num() if scored else None,
+            threshold=num(),
+            is_anomaly=bool(rng.random() < 0.2),
+            top_sensor=sensors[i % n] if scored else None,
+            values=tuple(num() for _ in range(n)),
+            forecast=tuple(num() for _ in range(n)) if scored else None,
+            n_readings=int(rng.integers(0, 5)),
+        )
+        assert score_line(r, sensors, measurement) == reference_line(r, sensors, measurement), r
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"is_anomaly": np.bool_(True)},
+        {"n_readings": np.int64(2)},
+        {"values": (1, 2, 3)},
+        {"score": np.float64(1.5)},
+        {"forecast": None},
+        {"score": None},
+        {"top_sensor": None, "score": None, "forecast": None, "threshold": math.inf},
+        {"ts_ms": np.int64(TS)},
+    ],
+)
+def test_score_line_for_unusual_records_is_the_field_by_field_line(overrides):
+    r = record(**overrides)
+    assert score_line(r, SENSORS, MEASUREMENT) == reference_line(r, SENSORS, MEASUREMENT)
 
 
 @pytest.fixture(scope="module")
