@@ -88,6 +88,9 @@ class NabConfig:
     cap: float | None = None
     spatial_tolerance: float | None = 0.05
     suppress: bool = True
+    # Red (or spatial) steps within ``window`` steps of the previous one are repeats of the same event
+    # (they share raw scores in the moving average): reported as yellow.
+    suppress_steps: int | None = None  # None: ``window``
     learn_red: bool = True
     scale: str = "tail"
     flag_value: float = 0.5
@@ -185,6 +188,7 @@ def nab_threshold(cfg: NabConfig) -> Threshold:
         min_std=cfg.min_std,
         cap=cfg.cap,
         suppress=cfg.suppress,
+        suppress_steps=cfg.window if cfg.suppress_steps is None else cfg.suppress_steps,
         spatial_tolerance=cfg.spatial_tolerance,
         learn_red=cfg.learn_red,
         scale=cfg.scale,

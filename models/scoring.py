@@ -195,6 +195,7 @@ class AdaptiveThreshold(Threshold):
 
 
 _SQRT2 = math.sqrt(2.0)
+_FAR = 1 << 40  # "no red step yet"
 _LOG_1E10 = math.log(1e-10)
 
 
@@ -276,6 +277,9 @@ class AnomalyLikelihood:
       Numenta's detector splits NAB's probationary period).
     * **Suppression** (``suppress``): as in Numenta's ``_filterLikelihoods``, while the tail stays in the
       red zone (``<= red``) only its first step reports it; the following red steps report ``yellow``.
+      ``suppress_steps`` > 1 widens this to any red step within that many steps of the previous red (or
+      spatial) one, and suppresses repeated spatial hits too: with ``suppress_steps = window``, a step
+      whose moving average still holds raw scores of the last reported event is not a new report.
     * **Scale** of the reported score: ``"htm"`` is Numenta's log-likelihood (saturates at 1 for tails
       below 1e-10); ``"tail"`` is :func:`tail_score`, the same anchor (1e-5 -> 0.5) without saturation.
     * **Learning** happens in :meth:`update`, only for the steps the caller lets learn (e.g. not the
@@ -301,6 +305,7 @@ class AnomalyLikelihood:
         red: float = 1e-5,
         yellow: float = 1e-3,
         suppress: bool = True,
+        suppress_steps: int = 1,
         spatial_tolerance: float | None = None,
         learn_red: bool = True,
         scale: str = "tail",
@@ -310,6 +315,9 @@ class AnomalyLikelihood:
         self.window, self.learning_steps, self.estimation_steps = window, learning_steps, estimation_steps
         self.history_steps, self.min_std, self.cap = history_steps, min_std, cap
         self.red, self.yellow, self.suppress, self.spatial_tolerance = red, yellow, suppress, spatial_tolerance
+        if suppress_steps < 1:
+            raise ValueError("suppress_steps must be >= 1")
+        self.suppress_steps = suppress_steps
         self.learn_red = learn_red
         if scale not in ("htm", "tail"):
             raise ValueError("scale must be 'htm' (log-likelihood, saturates at 1e-10) or 'tail' (tail_score)")
@@ -321,6 +329,7 @@ class AnomalyLikelihood:
         self.var = np.zeros(0)
         self.count = np.zeros(0, np.int64)  # averages learnt
         self.prev_red = np.zeros(0, bool)
+        self.since = np.zeros(0, np.int64)  # steps since the last red (or spatial) step; 0: the previous one
         self.learn_n = np.zeros(0, np.int64)  # per-slot probation (see set_probation)
         self.estimate_n = np.zeros(0, np.int64)
         self.lo = np.zeros((0, 0))  # spatial range, (N, F) once the feature count is known
@@ -341,6 +350,7 @@ class AnomalyLikelihood:
         self.var = np.concatenate([self.var, np.zeros(extra)])
         self.count = np.concatenate([self.count, np.zeros(extra, np.int64)])
         self.prev_red = np.concatenate([self.prev_red, np.zeros(extra, bool)])
+        self.since = np.concatenate([self.since, np.full(extra, _FAR, np.int64)])
         self.learn_n = np.concatenate([self.learn_n, np.full(extra, self.learning_steps, np.int64)])
         self.estimate_n = np.concatenate([self.estimate_n, np.full(extra, self.estimation_steps, np.int64)])
         f = self.lo.shape[1]
@@ -355,6 +365,7 @@ class AnomalyLikelihood:
         self.var[slots] = 0.0
         self.count[slots] = 0
         self.prev_red[slots] = False
+        self.since[slots] = _FAR
         self.learn_n[slots] = self.learning_steps
         self.estimate_n[slots] = self.estimation_steps
         self.lo[slots] = np.nan
@@ -400,15 +411,19 @@ class AnomalyLikelihood:
         std = np.maximum(np.sqrt(self.var[slots]), self.min_std)
         lt = log10_tail(np.abs(avg - self.mean[slots]) / std)
         red = lt <= math.log10(self.red)
+        recent = self.since[slots] < self.suppress_steps
         if self.suppress:
-            lt = np.where(red & self.prev_red[slots], math.log10(self.yellow), lt)
+            lt = np.where(red & recent, math.log10(self.yellow), lt)
         ready = self.ready(slots)
         if self.scale == "htm":
             score = np.where(ready, log_likelihood(10.0**lt), log_likelihood(np.array(0.5)))
         else:
             score = np.where(ready, tail_score(lt), tail_score(np.array(math.log10(0.5))))
+        spatial = np.zeros(len(slots), bool)
         if self.spatial_tolerance is not None:
-            score = np.where(self._spatial(slots, x, seen) & ready, 1.0, score)
+            spatial = self._spatial(slots, x, seen) & ready
+            hit = spatial & ~recent if self.suppress and self.suppress_steps > 1 else spatial
+            score = np.where(hit, 1.0, score)
         score = np.where(seen, score, 0.0)
         s = slots[seen]
         buf[rows, pos] = r
@@ -416,6 +431,8 @@ class AnomalyLikelihood:
         self.n[s] += 1
         self.avg[s] = avg[seen]
         self.prev_red[s] = red[seen] & ready[seen]
+        event = (red | spatial) & ready if self.suppress_steps > 1 else red & ready
+        self.since[s] = np.where(event[seen], 0, np.minimum(self.since[s] + 1, _FAR))
         return score
 
     def update(self, slots: np.ndarray, learn: np.ndarray) -> None:
@@ -436,18 +453,19 @@ class AnomalyLikelihood:
     def export(self, slot: int) -> list[float]:
         head = [float(self.n[slot]), float(self.count[slot]), float(self.mean[slot]), float(self.var[slot])]
         head += [float(self.prev_red[slot]), float(self.avg[slot])]
-        probation = [float(self.learn_n[slot]), float(self.estimate_n[slot])]
+        probation = [float(self.learn_n[slot]), float(self.estimate_n[slot]), float(self.since[slot])]
         return head + self.buf[slot].tolist() + self.lo[slot].tolist() + self.hi[slot].tolist() + probation
 
     def restore(self, slot: int, state: list[float]) -> None:
-        """Load what :meth:`export` produced (a state exported before per-slot probation existed, 2 values
-        shorter, keeps the default probation)."""
+        """Load what :meth:`export` produced (states from older versions, without the per-slot probation
+        and the steps since the last red one, keep the defaults)."""
         f = self.lo.shape[1]
         base = 6 + self.window + 2 * f
-        if len(state) not in (base, base + 2):
+        if len(state) not in (base, base + 2, base + 3):
             return
-        if len(state) == base + 2:
+        if len(state) >= base + 2:
             self.learn_n[slot], self.estimate_n[slot] = int(state[base]), int(state[base + 1])
+        self.since[slot] = int(state[base + 2]) if len(state) == base + 3 else (0 if state[4] else _FAR)
         self.n[slot], self.count[slot] = int(state[0]), int(state[1])
         self.mean[slot], self.var[slot] = state[2], state[3]
         self.prev_red[slot], self.avg[slot] = bool(state[4]), state[5]

@@ -366,3 +366,27 @@ def test_hold_features_keeps_learning_the_sensors_that_are_not_anomalous(hold_fe
         assert f[950:].mean() < 0.05  # feature 1 was learnt during the anomaly: no lock-in
     else:
         assert f[950:].mean() > 0.9  # feature 1 held at its pre-anomaly level: flagged to the end
+
+
+def test_suppress_steps_reports_one_event_once_within_the_window():
+    rng = np.random.default_rng(12)
+    raw = np.abs(rng.normal(size=(400, 1)))
+    raw[300, 0] = raw[312, 0] = 40.0  # the average is red 300-309, then again from 312: one event
+    raw[350, 0] = 400.0  # a later, separate event (larger: the distribution learnt the first one)
+    x = np.zeros((400, 1, 1))
+    x[380, 0, 0], x[384, 0, 0] = 50.0, 200.0  # two spatial hits 4 steps apart (each beyond the range so far)
+    x[:200, 0, 0] = np.sin(np.arange(200))
+    numenta = run(AnomalyLikelihood(estimation_steps=100, spatial_tolerance=0.05), raw, x)[:, 0]
+    wide = run(AnomalyLikelihood(estimation_steps=100, spatial_tolerance=0.05, suppress_steps=10), raw, x)[:, 0]
+    assert numenta[300] > 0.5 and wide[300] > 0.5
+    assert numenta[312] > 0.5  # Numenta's rule: not the step right after a red one, so reported again
+    assert wide[312] < 0.5  # within 10 steps of the last red one: the same event
+    assert wide[350] > 0.5  # a new event after the window
+    assert numenta[380] == numenta[384] == 1.0
+    assert wide[380] == 1.0 and wide[384] < 1.0
+    np.testing.assert_array_equal(wide[:300], numenta[:300])  # identical until a repeat
+    lik = AnomalyLikelihood(suppress_steps=10)
+    lik.grow(1)
+    with pytest.raises(ValueError):
+        AnomalyLikelihood(suppress_steps=0)
+    assert lik.since[0] > 10**9
