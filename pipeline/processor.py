@@ -271,25 +271,30 @@ class Processor:
         if resets.any():
             detector.reset(slots[resets])
         out = detector.step(slots, x, observed)
-        version = detector.version
+        version, sensors = detector.version, self.sensors
+        ok, warming = Status.OK, Status.WARMING_UP
+        # Whole columns to Python objects at once: indexing numpy arrays per row costs far more.
+        score, threshold, forecast = out.score.tolist(), out.threshold.tolist(), out.forecast.tolist()
+        warm, anomaly, top = out.warm.tolist(), out.is_anomaly.tolist(), out.top.tolist()
         records = []
         for i, (dev, st) in enumerate(zip(devs, wave, strict=True)):
             if not st.observed:
                 continue
-            has_score = not np.isnan(out.score[i])
+            s = score[i]
+            has_score = s == s  # not NaN
             records.append(
                 ScoreRecord(
-                    device_id=dev,
-                    ts_ms=st.ts_ms,
-                    status=Status.OK if out.warm[i] else Status.WARMING_UP,
-                    score=float(out.score[i]) if has_score else None,
-                    threshold=float(out.threshold[i]),
-                    is_anomaly=bool(out.is_anomaly[i]),
-                    top_sensor=self.sensors[out.top[i]] if has_score else None,
-                    values=st.values,
-                    forecast=tuple(out.forecast[i].tolist()) if has_score else None,
-                    model_version=version,
-                    n_readings=st.n_readings,
+                    dev,
+                    st.ts_ms,
+                    ok if warm[i] else warming,
+                    s if has_score else None,
+                    threshold[i],
+                    anomaly[i],
+                    sensors[top[i]] if has_score else None,
+                    st.values,
+                    tuple(forecast[i]) if has_score else None,
+                    version,
+                    st.n_readings,
                 )
             )
         return records

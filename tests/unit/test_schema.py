@@ -21,6 +21,7 @@ from pipeline.schema import (
     Reading,
     Reason,
     Rejection,
+    _validate_exact,
     encode_envelope,
     encode_reading,
     parse_ts,
@@ -583,3 +584,34 @@ def test_validate_never_raises_on_arbitrary_json(obj, key):
 def test_validate_never_raises_on_truncated_json(obj, cut):
     raw = json.dumps(obj, allow_nan=True).encode()
     _check_result(validate(raw[:cut], None, LIMITS, NOW_MS))
+
+
+# -- the decoder specialised to the sensor set is an optimisation only ---------------------------------
+
+near_valid_values = st.fixed_dictionaries(
+    {s: st.floats(-2e12, 2e12) | st.integers(-(10**13), 10**13) for s in SENSORS},
+    optional={"other": st.floats()},
+)
+near_valid_item = st.fixed_dictionaries(
+    {"ts": st.integers(min_value=MIN_TS_MS - 10, max_value=NOW_MS + 2 * SKEW_MS), "values": near_valid_values}
+)
+near_valid = st.fixed_dictionaries({"device_id": st.sampled_from(["pump-17", "x", ""])}) | st.fixed_dictionaries(
+    {"device_id": st.just("pump-17")},
+    optional={"ts": ts_like, "values": near_valid_values, "readings": st.lists(near_valid_item, max_size=4)},
+)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(obj=near_valid | message_like, key=st.none() | st.sampled_from([b"pump-17", b"x"]))
+@example(obj={"device_id": "pump-17", "ts": NOW_MS, "values": {**GOOD, "temp": 2e12}}, key=None)
+@example(obj={"device_id": "pump-17", "readings": [{"ts": NOW_MS, "values": GOOD}] * 3}, key=b"pump-17")
+def test_fast_validation_equals_the_exact_path(obj, key):
+    raw = json.dumps(obj, allow_nan=True).encode()
+    assert validate(raw, key, LIMITS, NOW_MS) == _validate_exact(raw, key, LIMITS, NOW_MS)
+
+
+def test_fast_validation_keeps_the_last_of_duplicate_keys_like_a_dict():
+    values = b'{"pressure": 1e13, "pressure": 1, "temp": 2, "vibration": 3}'
+    raw = b'{"device_id": "p", "ts": 1795341600000, "values": ' + values + b"}"
+    assert validate(raw, None, LIMITS, NOW_MS) == [Reading("p", NOW_MS, (1.0, 2.0, 3.0))]
+    assert validate(raw, None, LIMITS, NOW_MS) == _validate_exact(raw, None, LIMITS, NOW_MS)
