@@ -31,6 +31,7 @@ from models.scoring import (
     ScoringConfig,
     SeasonalDeviation,
     Threshold,
+    WeeklySeasonalDeviation,
 )
 from models.training import TrainConfig, save_trained, train
 
@@ -105,6 +106,8 @@ class NabConfig:
     # comes from the row's timestamp; it is an input, never scored itself).
     seasonal: bool = True
     seasonal_bins: int = 24
+    # Hour-of-week profiles where a bin has been seen for 3 weeks, hour-of-day before (WeeklySeasonalDeviation).
+    weekly: bool = True
 
 
 @dataclass
@@ -203,14 +206,23 @@ def nab_threshold(cfg: NabConfig) -> Threshold:
         if cfg.reference
         else None
     )
-    seasonal = SeasonalDeviation(bins=cfg.seasonal_bins, span=cfg.reference_span) if cfg.seasonal else None
+    seasonal: SeasonalDeviation | WeeklySeasonalDeviation | None = None
+    if cfg.seasonal and cfg.weekly:
+        seasonal = WeeklySeasonalDeviation(per_day=cfg.seasonal_bins, span=cfg.reference_span)
+    elif cfg.seasonal:
+        seasonal = SeasonalDeviation(bins=cfg.seasonal_bins, span=cfg.reference_span)
     return LikelihoodThreshold(lik, cfg.flag_value, ref, seasonal)
 
 
-def hour_of_day(timestamps: Sequence[str], bins: int = 24) -> np.ndarray:
-    """The seasonal bin of each timestamp: its time of day in ``bins`` equal parts (24: the hour)."""
+def hour_of_day(timestamps: Sequence[str], bins: int = 24, weekly: bool = False) -> np.ndarray:
+    """The seasonal bin of each timestamp: its time of day in ``bins`` equal parts (24: the hour), or with
+    ``weekly`` its time of the week in ``7 x bins`` parts (0: Monday's first)."""
     t = np.array([ts.strip().replace(" ", "T") for ts in timestamps], dtype="datetime64[s]").astype(np.int64)
-    return ((t % 86400) * bins // 86400).astype(np.int64)
+    day = (t % 86400) * bins // 86400
+    if not weekly:
+        return day.astype(np.int64)
+    weekday = (t // 86400 + 3) % 7  # 1970-01-01 was a Thursday
+    return (weekday * bins + day).astype(np.int64)
 
 
 def set_prefix_probation(det: Detector, names: Sequence[str], prefixes: Sequence[int], cfg: NabConfig) -> None:
@@ -286,7 +298,7 @@ def run_nab(
     det = Detector(artifact, scoring, nab_threshold(cfg), device="cpu", capacity=len(series))
     if cfg.prefix_probation:
         set_prefix_probation(det, [s.name for s in series], [s.probation for s in series], cfg)
-    context = [hour_of_day(s.timestamps, cfg.seasonal_bins) for s in series] if cfg.seasonal else None
+    context = [hour_of_day(s.timestamps, cfg.seasonal_bins, cfg.weekly) for s in series] if cfg.seasonal else None
     streamed = stream(det, z, [s.name for s in series], context)
     log(f"streamed {streamed.steps} batched steps in {streamed.seconds:.1f}s")
     scores = [np.nan_to_num(sc, nan=0.0) for sc in streamed.score]

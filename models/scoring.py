@@ -492,7 +492,7 @@ class LikelihoodThreshold(Threshold):
         likelihood: AnomalyLikelihood | None = None,
         value: float = 0.5,
         reference: ReferenceDeviation | None = None,
-        seasonal: SeasonalDeviation | None = None,
+        seasonal: SeasonalDeviation | WeeklySeasonalDeviation | None = None,
     ) -> None:
         self.likelihood = likelihood or AnomalyLikelihood()
         self.value = value
@@ -729,6 +729,7 @@ class SeasonalDeviation:
         self.nres = np.zeros(0, np.int64)  # residuals learnt
         self.res = np.zeros((0, 0))  # the last step's residual (what update() learns)
         self.bin = np.zeros(0, np.int64)  # the last step's bin (-1: none)
+        self.ready_rows = np.zeros(0, bool)
 
     @property
     def capacity(self) -> int:
@@ -793,6 +794,8 @@ class SeasonalDeviation:
         z = (np.abs(np.nan_to_num(res)) / scale).max(axis=1) if self.f else np.zeros(len(s))
         out = np.zeros(len(slots))
         out[seen] = np.where(ready, z, 0.0)
+        self.ready_rows = np.zeros(len(slots), bool)  # which rows scored (for a caller combining profiles)
+        self.ready_rows[seen] = ready
         return out
 
     def update(self, slots: np.ndarray, learn: np.ndarray) -> None:
@@ -841,6 +844,48 @@ class SeasonalDeviation:
         self.count[slot] = v[o : o + b].astype(np.int64)
         self.visits[slot] = v[o + b : o + 2 * b].astype(np.int64)
         self.bin_nres[slot] = v[o + 2 * b :].astype(np.int64)
+
+
+class WeeklySeasonalDeviation:
+    """Two :class:`SeasonalDeviation` profiles, the finer one where it has enough history: the context bin
+    is the hour of the *week* (``0..7 x per_day - 1``); the weekly profile (``7 x per_day`` bins) scores
+    a step once its bin has been entered ``min_visits`` times (that many weeks), the daily one (bin modulo
+    ``per_day``) before that. Human-driven series (traffic, taxis, tweets, ad clicks) have a weekly
+    rhythm: a holiday looks like a Sunday, which the daily profile alone takes for normal once weekends
+    have been learnt. Both profiles learn every step the caller lets learn."""
+
+    def __init__(self, *, per_day: int = 24, **kwargs: float) -> None:
+        self.per_day = per_day
+        self.weekly = SeasonalDeviation(bins=7 * per_day, **kwargs)  # type: ignore[arg-type]
+        self.daily = SeasonalDeviation(bins=per_day, **kwargs)  # type: ignore[arg-type]
+
+    def grow(self, capacity: int) -> None:
+        self.weekly.grow(capacity)
+        self.daily.grow(capacity)
+
+    def reset(self, slots: np.ndarray) -> None:
+        self.weekly.reset(slots)
+        self.daily.reset(slots)
+
+    def step(self, slots: np.ndarray, x: np.ndarray, seen: np.ndarray, bins: np.ndarray) -> np.ndarray:
+        b = np.asarray(bins, np.int64)
+        week = self.weekly.step(slots, x, seen, b)
+        day = self.daily.step(slots, x, seen, np.where(b >= 0, b % self.per_day, -1))
+        return np.where(self.weekly.ready_rows, week, day)
+
+    def update(self, slots: np.ndarray, learn: np.ndarray) -> None:
+        self.weekly.update(slots, learn)
+        self.daily.update(slots, learn)
+
+    def export(self, slot: int) -> list[float]:
+        w = self.weekly.export(slot)
+        return [float(len(w)), *w, *self.daily.export(slot)]
+
+    def restore(self, slot: int, state: list[float]) -> None:
+        if state:
+            k = int(state[0])
+            self.weekly.restore(slot, state[1 : 1 + k])
+            self.daily.restore(slot, state[1 + k :])
 
 
 class CalibratedThreshold(Threshold):

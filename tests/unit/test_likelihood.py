@@ -15,6 +15,7 @@ from models.scoring import (
     LikelihoodThreshold,
     ReferenceDeviation,
     SeasonalDeviation,
+    WeeklySeasonalDeviation,
     erfc,
     log_likelihood,
     make_threshold,
@@ -390,3 +391,39 @@ def test_suppress_steps_reports_one_event_once_within_the_window():
     with pytest.raises(ValueError):
         AnomalyLikelihood(suppress_steps=0)
     assert lik.since[0] > 10**9
+
+
+def test_weekly_profile_sees_a_holiday_that_the_daily_one_takes_for_a_sunday():
+    """Weekdays peak from 8 h to 18 h, Sundays stay flat; in week 5 a Wednesday stays flat (a holiday)."""
+    per_hour = 2
+    t = np.arange(6 * 7 * 24 * per_hour)
+    hour = (t // per_hour) % 24
+    weekday = (t // (24 * per_hour)) % 7
+    x = np.where((weekday != 6) & (hour >= 8) & (hour < 18), 3.0, 0.0)
+    x = x + 0.05 * np.random.default_rng(13).normal(size=len(t))
+    holiday = (t // (24 * per_hour)) == 4 * 7 + 2
+    x[holiday] = 0.0 + 0.05 * np.random.default_rng(14).normal(size=int(holiday.sum()))
+    bins = (weekday * 24 + hour).astype(np.int64)
+    both = WeeklySeasonalDeviation(per_day=24, span=3)
+    daily = SeasonalDeviation(bins=24, span=3)
+    sw = _run_seasonal(both, x[:, None, None], bins[:, None], flag=5.0)[:, 0]
+    sd = _run_seasonal(daily, x[:, None, None], hour[:, None], flag=5.0)[:, 0]
+    peak = holiday & (hour >= 10) & (hour < 17)
+    assert sw[peak].min() > 5  # the weekly profile (3 weeks of history) expects a working day
+    assert sd[peak].max() < sw[peak].min()  # the daily one learnt flat Sundays: the holiday looks less odd
+    assert np.array_equal(sw[: 3 * 7 * 24 * per_hour] > 0, sd[: 3 * 7 * 24 * per_hour] > 0)  # daily until then
+    # export / restore of both profiles
+    other = WeeklySeasonalDeviation(per_day=24, span=3)
+    other.grow(2)
+    other.restore(1, both.export(0))
+    np.testing.assert_array_equal(other.weekly.profile[1], both.weekly.profile[0])
+    np.testing.assert_array_equal(other.daily.visits[1], both.daily.visits[0])
+
+
+def test_hour_of_day_and_of_week_bins():
+    from bench.evaluate import hour_of_day
+
+    ts = ["2014-04-07 00:00:00", "2014-04-07 13:59:59", "2014-04-13 23:30:00"]  # Monday, Monday, Sunday
+    assert hour_of_day(ts).tolist() == [0, 13, 23]
+    assert hour_of_day(ts, weekly=True).tolist() == [0, 13, 6 * 24 + 23]
+    assert hour_of_day(ts, bins=48).tolist() == [0, 27, 47]
