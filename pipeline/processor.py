@@ -75,7 +75,9 @@ _dec = msgspec.msgpack.Decoder(_Checkpoint)
 
 @dataclass
 class _Device:
-    history: deque[tuple[float, ...]]
+    # Recent resampled inputs, one float64 row (F values) per step as bytes: appending a slice of the
+    # wave's input array and checkpointing a join of them is far cheaper than tuples through numpy.
+    history: deque[bytes]
     partition: int = -1
     last_offset: int = -1
     window: DeviceWindow = field(default_factory=DeviceWindow)
@@ -117,12 +119,17 @@ class Processor:
         if blob:
             cp = _dec.decode(blob)
             d.partition, d.last_offset, d.window = cp.partition, cp.last_offset, cp.window
-            n = len(self.sensors)
-            rows = np.frombuffer(cp.history, np.float32).reshape(-1, n) if cp.history else np.zeros((0, n))
-            d.history.extend(tuple(r) for r in rows.astype(np.float64).tolist())
+            rows = np.frombuffer(cp.history, np.float32).reshape(-1, len(self.sensors))
+            self.extend_history(d, rows)
             restored = cp.detector is not None and self.detector.restore(device_id, cp.detector)
             d.stale = not restored and bool(d.history)
         return d
+
+    def extend_history(self, d: _Device, rows: np.ndarray) -> None:
+        """Append ``rows`` ``(n, F)`` (oldest first) to a device's history ring."""
+        data = rows.astype(np.float64).tobytes()
+        width = 8 * len(self.sensors)
+        d.history.extend(data[i : i + width] for i in range(0, len(data), width))
 
     def swap(self, detector: Detector) -> None:
         """Serve ``detector`` from the next step on; every known device is re-warmed lazily."""
@@ -141,7 +148,7 @@ class Processor:
         for dev in device_ids:
             d = self.devices.get(dev)
             if d is not None:
-                history = np.asarray(d.history, np.float32).tobytes() if d.history else b""
+                history = np.frombuffer(b"".join(d.history), np.float64).astype(np.float32).tobytes()
                 state = None if d.stale else self.detector.export(dev)
                 blob = _enc.encode(_Checkpoint(d.partition, d.last_offset, d.window, state, history))
                 out[dev] = (d.partition, blob)
@@ -212,10 +219,10 @@ class Processor:
         slots = np.array([detector.slot(d) for d in devices], np.int64)
         detector.reset(slots)
         history = {d: list(h) for d in devices if (h := self.devices[d].history)}
-        depth = 0
+        depth, n = 0, len(self.sensors)
         while history:
             devs = list(history)
-            x = np.array([history[d][depth] for d in devs], np.float64)
+            x = np.frombuffer(b"".join([history[d][depth] for d in devs]), np.float64).reshape(len(devs), n)
             detector.step(np.fromiter((detector.slots[d] for d in devs), np.int64, len(devs)), x)
             depth += 1
             history = {d: h for d, h in history.items() if len(h) > depth}
@@ -245,14 +252,15 @@ class Processor:
             devs = list(pending)
             wave = [pending[d][depth] for d in devs]
             x = np.array([s.values for s in wave], np.float64)
+            rows, width = x.tobytes(), x.shape[1] * 8
             observed = np.array([s.observed for s in wave])
             resets = np.array([s.reset for s in wave])
             res.resets += int(resets.sum())
             res.scores.extend(self._step(self.detector, devs, wave, x, observed, resets))
             if self.shadow is not None:
                 res.shadow_scores.extend(self._step(self.shadow, devs, wave, x, observed, resets))
-            for dev, st in zip(devs, wave, strict=True):
-                self.devices[dev].history.append(st.values)
+            for j, dev in enumerate(devs):
+                self.devices[dev].history.append(rows[j * width : (j + 1) * width])
             res.imputed += int((~observed).sum())
             res.waves += 1
             depth += 1
