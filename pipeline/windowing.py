@@ -19,6 +19,7 @@ Policy (documented in ARCHITECTURE.md, pinned by tests/unit/test_windowing.py):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -32,9 +33,8 @@ class WindowConfig:
     idle_flush_ms: int = 2000
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One resampled step of one device, ready for the model."""
+class Step(msgspec.Struct, frozen=True, gc=False):
+    """One resampled step of one device, ready for the model. (A struct: one is made per reading.)"""
 
     ts_ms: int
     values: tuple[float, ...]
@@ -57,25 +57,30 @@ def bucket_of(ts_ms: int, step_ms: int) -> int:
     return -(-ts_ms // step_ms)
 
 
+def _emit(w: DeviceWindow, cfg: WindowConfig, b: int, sums: Sequence[float], n: int, out: list[Step]) -> None:
+    """Close bucket ``b`` (the sums of its ``n`` readings): its gap steps, then the step itself."""
+    values = tuple([s / n for s in sums])
+    reset = False
+    if w.last_closed is not None and w.last_values is not None:
+        gap = b - w.last_closed - 1
+        if gap > cfg.max_gap_steps:
+            reset = True
+        else:
+            out.extend(
+                Step((w.last_closed + k) * cfg.step_ms, w.last_values, observed=False, n_readings=0)
+                for k in range(1, gap + 1)
+            )
+    out.append(Step(b * cfg.step_ms, values, True, n, reset))
+    w.last_closed, w.last_values = b, values
+
+
 def _close(w: DeviceWindow, cfg: WindowConfig, *, force: bool) -> list[Step]:
     out: list[Step] = []
     for b in sorted(w.open):
         if not force and b * cfg.step_ms + cfg.grace_ms > w.watermark:
             break
         sums, n = w.open.pop(b)
-        values = tuple(s / n for s in sums)
-        reset = False
-        if w.last_closed is not None and w.last_values is not None:
-            gap = b - w.last_closed - 1
-            if gap > cfg.max_gap_steps:
-                reset = True
-            else:
-                out.extend(
-                    Step((w.last_closed + k) * cfg.step_ms, w.last_values, observed=False, n_readings=0)
-                    for k in range(1, gap + 1)
-                )
-        out.append(Step(b * cfg.step_ms, values, True, n, reset))
-        w.last_closed, w.last_values = b, values
+        _emit(w, cfg, b, sums, n, out)
     return out
 
 
@@ -86,6 +91,13 @@ def add_reading(
     b = bucket_of(ts_ms, cfg.step_ms)
     if w.last_closed is not None and b <= w.last_closed:
         return None
+    if not w.open and b * cfg.step_ms + cfg.grace_ms <= max(ts_ms, w.watermark):
+        # The common case (in order, on the grid): nothing else open and the reading closes its own bucket.
+        w.watermark = max(ts_ms, w.watermark)
+        w.last_seen_wall_ms = now_wall_ms
+        out: list[Step] = []
+        _emit(w, cfg, b, values, 1, out)
+        return out
     slot = w.open.get(b)
     if slot is None:
         w.open[b] = (list(values), 1)
