@@ -135,6 +135,7 @@ class _LineTemplates:
     unscored: str
     # format_floats((score, threshold, *values, *forecast)) -> value/forecast pairs in line order
     pairs: Callable[[list[str]], tuple[str, ...]]
+    top_sensor: dict[str, str | None]  # field value text of each sensor's name
 
 
 @lru_cache(maxsize=16)
@@ -148,7 +149,8 @@ def _line_templates(sensors: tuple[str, ...]) -> _LineTemplates:
     scored = [score, threshold, *flags, top, count, *(f for pair in zip(values, forecasts, strict=True) for f in pair)]
     unscored = [threshold, *flags, count, *values]
     pairs = itemgetter(*(2 + i + k * n for i in range(n) for k in (0, 1)))
-    return _LineTemplates("%s " + ",".join(scored) + " %s", "%s " + ",".join(unscored) + " %s", pairs)
+    tops = {s: format_field_value(s) for s in sensors}
+    return _LineTemplates("%s " + ",".join(scored) + " %s", "%s " + ",".join(unscored) + " %s", pairs, tops)
 
 
 @lru_cache(maxsize=65536)
@@ -181,7 +183,7 @@ def _fast_line(r: ScoreRecord, sensors: tuple[str, ...], measurement: str) -> st
         if texts is None:
             return None
         head = _score_head(measurement, r.device_id, r.model_version)
-        top = format_field_value(r.top_sensor)
+        top = t.top_sensor.get(r.top_sensor) or format_field_value(r.top_sensor)
         return t.scored % (head, texts[0], texts[1], flag, status, top, r.n_readings, *t.pairs(texts), r.ts_ms)
     if r.score is None and r.top_sensor is None and forecast is None:
         texts = format_floats((r.threshold, *r.values))

@@ -65,7 +65,7 @@ def _emit(w: DeviceWindow, cfg: WindowConfig, b: int, sums: Sequence[float], n: 
         gap = b - w.last_closed - 1
         if gap > cfg.max_gap_steps:
             reset = True
-        else:
+        elif gap > 0:
             out.extend(
                 Step((w.last_closed + k) * cfg.step_ms, w.last_values, observed=False, n_readings=0)
                 for k in range(1, gap + 1)
