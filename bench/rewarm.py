@@ -24,7 +24,7 @@ def rewarm_seconds(n_devices: int, settings: Settings) -> dict[str, float]:
     mean, std = proc.detector.artifact.normaliser.mean, proc.detector.artifact.normaliser.std
     ids = [f"d{i}" for i in range(n_devices)]
     for dev in ids:
-        proc.extend_history(proc._device(dev), mean + std * rng.normal(size=(settings.history_steps, len(mean))))
+        proc.history.extend(proc._device(dev).row, mean + std * rng.normal(size=(settings.history_steps, len(mean))))
     proc.swap(build_detector(settings))
     res = BatchResult()
     t = time.perf_counter()

@@ -20,7 +20,6 @@ beside the champion on the same steps; its scores go to ``shadow_scores`` only.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -73,11 +72,60 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(_Checkpoint)
 
 
+class _History:
+    """The last ``steps`` resampled inputs of every device: one float64 ring per row of a shared array.
+
+    A wave appends all its devices' inputs with one fancy-indexed write, and checkpoints and re-warms
+    gather many devices at once; per-device Python containers cost several times more.
+    """
+
+    def __init__(self, steps: int, n_features: int, capacity: int = 1024) -> None:
+        self.steps = steps
+        self.data = np.zeros((capacity, steps, n_features), np.float64)
+        self.start = np.zeros(capacity, np.int64)  # position of the oldest step
+        self.count = np.zeros(capacity, np.int64)
+        self._free = list(range(capacity - 1, -1, -1))
+
+    def alloc(self) -> int:
+        if not self._free:
+            old = len(self.data)
+            self.data = np.concatenate([self.data, np.zeros_like(self.data)])
+            self.start = np.concatenate([self.start, np.zeros(old, np.int64)])
+            self.count = np.concatenate([self.count, np.zeros(old, np.int64)])
+            self._free = list(range(2 * old - 1, old - 1, -1))
+        return self._free.pop()
+
+    def free(self, row: int) -> None:
+        self.start[row] = self.count[row] = 0
+        self._free.append(row)
+
+    def append(self, rows: np.ndarray, x: np.ndarray) -> None:
+        """Append ``x[i]`` to the ring of ``rows[i]`` (distinct rows)."""
+        if not self.steps:
+            return
+        count = self.count[rows]
+        full = count == self.steps
+        self.data[rows, (self.start[rows] + count) % self.steps] = x
+        self.start[rows[full]] = (self.start[rows[full]] + 1) % self.steps
+        self.count[rows[~full]] += 1
+
+    def extend(self, row: int, x: np.ndarray) -> None:
+        """Append the rows of ``x`` ``(n, F)``, oldest first, to the ring of ``row``."""
+        old, count = self.get(np.array([row]))
+        kept = np.concatenate([old[0, : count[0]], x])[max(0, len(x) + count[0] - self.steps) :]
+        self.data[row, : len(kept)] = kept
+        self.start[row], self.count[row] = 0, len(kept)
+
+    def get(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(len(rows), steps, F)`` oldest first (only the first ``count`` steps of each are valid), and
+        the counts."""
+        order = (self.start[rows, None] + np.arange(self.steps)) % max(self.steps, 1)
+        return self.data[rows[:, None], order], self.count[rows]
+
+
 @dataclass
 class _Device:
-    # Recent resampled inputs, one float64 row (F values) per step as bytes: appending a slice of the
-    # wave's input array and checkpointing a join of them is far cheaper than tuples through numpy.
-    history: deque[bytes]
+    row: int  # of the history
     partition: int = -1
     last_offset: int = -1
     window: DeviceWindow = field(default_factory=DeviceWindow)
@@ -106,13 +154,14 @@ class Processor:
         self.sensors = tuple(limits.sensors)
         self.state_source = state_source
         self.devices: dict[str, _Device] = {}
+        self.history = _History(history_steps, len(self.sensors))
 
     # -- state ---------------------------------------------------------------------------------------
     def _device(self, device_id: str) -> _Device:
         d = self.devices.get(device_id)
         if d is not None:
             return d
-        d = _Device(deque(maxlen=self.history_steps))
+        d = _Device(self.history.alloc())
         self.devices[device_id] = d
         self.detector.slot(device_id)
         blob = self.state_source(device_id) if self.state_source else None
@@ -120,16 +169,10 @@ class Processor:
             cp = _dec.decode(blob)
             d.partition, d.last_offset, d.window = cp.partition, cp.last_offset, cp.window
             rows = np.frombuffer(cp.history, np.float32).reshape(-1, len(self.sensors))
-            self.extend_history(d, rows)
+            self.history.extend(d.row, rows.astype(np.float64))
             restored = cp.detector is not None and self.detector.restore(device_id, cp.detector)
-            d.stale = not restored and bool(d.history)
+            d.stale = not restored and bool(self.history.count[d.row])
         return d
-
-    def extend_history(self, d: _Device, rows: np.ndarray) -> None:
-        """Append ``rows`` ``(n, F)`` (oldest first) to a device's history ring."""
-        data = rows.astype(np.float64).tobytes()
-        width = 8 * len(self.sensors)
-        d.history.extend(data[i : i + width] for i in range(0, len(data), width))
 
     def swap(self, detector: Detector) -> None:
         """Serve ``detector`` from the next step on; every known device is re-warmed lazily."""
@@ -144,14 +187,15 @@ class Processor:
 
     def checkpoint(self, device_ids: Iterable[str]) -> dict[str, tuple[int, bytes]]:
         """``device -> (partition, serialised state)`` for the changelog."""
+        known = [(dev, d) for dev in device_ids if (d := self.devices.get(dev)) is not None]
+        rows = np.fromiter((d.row for _, d in known), np.int64, len(known))
+        history, count = self.history.get(rows)
+        history, count = history.astype(np.float32), count.tolist()
         out = {}
-        for dev in device_ids:
-            d = self.devices.get(dev)
-            if d is not None:
-                history = np.frombuffer(b"".join(d.history), np.float64).astype(np.float32).tobytes()
-                state = None if d.stale else self.detector.export(dev)
-                blob = _enc.encode(_Checkpoint(d.partition, d.last_offset, d.window, state, history))
-                out[dev] = (d.partition, blob)
+        for i, (dev, d) in enumerate(known):
+            state = None if d.stale else self.detector.export(dev)
+            cp = _Checkpoint(d.partition, d.last_offset, d.window, state, history[i, : count[i]].tobytes())
+            out[dev] = (d.partition, _enc.encode(cp))
         return out
 
     def forget(self, partitions: set[int] | None = None) -> int:
@@ -159,7 +203,7 @@ class Processor:
         checkpoint is the source of truth and is reloaded on next sight."""
         gone = [k for k, d in self.devices.items() if partitions is None or d.partition in partitions]
         for k in gone:
-            del self.devices[k]
+            self.history.free(self.devices.pop(k).row)
             self.detector.release(k)
             if self.shadow is not None:
                 self.shadow.release(k)
@@ -218,14 +262,10 @@ class Processor:
         """Fresh state for ``devices`` in ``detector``, then their history through it (batched waves)."""
         slots = np.array([detector.slot(d) for d in devices], np.int64)
         detector.reset(slots)
-        history = {d: list(h) for d in devices if (h := self.devices[d].history)}
-        depth, n = 0, len(self.sensors)
-        while history:
-            devs = list(history)
-            x = np.frombuffer(b"".join([history[d][depth] for d in devs]), np.float64).reshape(len(devs), n)
-            detector.step(np.fromiter((detector.slots[d] for d in devs), np.int64, len(devs)), x)
-            depth += 1
-            history = {d: h for d, h in history.items() if len(h) > depth}
+        history, count = self.history.get(np.fromiter((self.devices[d].row for d in devices), np.int64, len(devices)))
+        for depth in range(int(count.max(initial=0))):
+            has = count > depth  # devices keep their order; each steps through its history oldest first
+            detector.step(slots[has], history[has, depth])
 
     def _prepare(self, pending: dict[str, list[Step]], res: BatchResult) -> None:
         t = time.perf_counter()
@@ -252,15 +292,13 @@ class Processor:
             devs = list(pending)
             wave = [pending[d][depth] for d in devs]
             x = np.array([s.values for s in wave], np.float64)
-            rows, width = x.tobytes(), x.shape[1] * 8
             observed = np.array([s.observed for s in wave])
             resets = np.array([s.reset for s in wave])
             res.resets += int(resets.sum())
             res.scores.extend(self._step(self.detector, devs, wave, x, observed, resets))
             if self.shadow is not None:
                 res.shadow_scores.extend(self._step(self.shadow, devs, wave, x, observed, resets))
-            for j, dev in enumerate(devs):
-                self.devices[dev].history.append(rows[j * width : (j + 1) * width])
+            self.history.append(np.fromiter((self.devices[d].row for d in devs), np.int64, len(devs)), x)
             res.imputed += int((~observed).sum())
             res.waves += 1
             depth += 1

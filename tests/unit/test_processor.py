@@ -527,3 +527,35 @@ def test_swap_rewarms_from_history_and_a_shadow_runs_beside(artifact):
         assert res.rewarmed == (4 if t == 30 else 0)
         assert all(r.status == Status.OK for r in res.scores if r.device_id != "dev-4")
         assert all(r.status == Status.WARMING_UP for r in res.scores if r.device_id == "dev-4")
+
+
+@pytest.mark.parametrize("steps", [0, 1, 5])
+def test_history_ring_behaves_like_a_bounded_deque_per_device(steps):
+    from collections import deque
+
+    from pipeline.processor import _History
+
+    rng = np.random.default_rng(steps)
+    ring = _History(steps, 2, capacity=2)  # grows on the third device
+    rows = [ring.alloc() for _ in range(3)]
+    ref = {r: deque(maxlen=steps) for r in rows}
+    for _ in range(40):
+        if rng.random() < 0.15:  # a restore (or re-warm seeding): several rows at once
+            r = rows[int(rng.integers(3))]
+            x = rng.normal(size=(int(rng.integers(0, 8)), 2))
+            ring.extend(r, x)
+            ref[r].extend(map(tuple, x.tolist()))
+        else:  # a wave: some distinct devices, one row each
+            wave = np.array(sorted(set(rng.integers(0, 3, size=3).tolist())))
+            x = rng.normal(size=(len(wave), 2))
+            ring.append(np.array([rows[i] for i in wave]), x)
+            for i, v in zip(wave, x.tolist(), strict=True):
+                ref[rows[i]].append(tuple(v))
+        if rng.random() < 0.05:
+            r = rows.pop(0)
+            ring.free(r)
+            rows.append(ring.alloc())
+            ref[rows[-1]] = deque(maxlen=steps)
+        history, count = ring.get(np.array(rows))
+        for i, r in enumerate(rows):
+            assert [tuple(v) for v in history[i, : count[i]].tolist()] == list(ref[r])
