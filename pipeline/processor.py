@@ -214,10 +214,11 @@ class Processor:
     def process(self, batch: Sequence[Inbound], now_ms: int) -> BatchResult:
         res = BatchResult()
         pending: dict[str, list[Step]] = {}
+        limits, cfg = self.limits, self.window
         for m in batch:
             device: _Device | None = None
             device_id = ""
-            for item in validate(m.value, m.key, self.limits, now_ms):
+            for item in validate(m.value, m.key, limits, now_ms):
                 if not isinstance(item, Reading):
                     res.dead.append(
                         DeadLetter(m.key, m.value, item.reason, item.detail, m.topic, m.partition, m.offset, item.index)
@@ -229,10 +230,10 @@ class Processor:
                         res.replayed += 1
                         break
                 res.readings += 1
-                steps = add_reading(device.window, item.ts_ms, item.values, self.window, now_ms)
+                steps = add_reading(device.window, item.ts_ms, item.values, cfg, now_ms)
                 if steps is None:
                     res.late += 1
-                    closed_end = (device.window.last_closed or 0) * self.window.step_ms
+                    closed_end = (device.window.last_closed or 0) * cfg.step_ms
                     detail = f"ts {item.ts_ms} falls in a closed bucket (closed up to {closed_end})"
                     res.dead.append(
                         DeadLetter(m.key, m.value, Reason.LATE, detail, m.topic, m.partition, m.offset, item.index)
@@ -319,28 +320,33 @@ class Processor:
         out = detector.step(slots, x, observed)
         version, sensors = detector.version, self.sensors
         ok, warming = Status.OK, Status.WARMING_UP
-        # Whole columns to Python objects at once: indexing numpy arrays per row costs far more.
-        score, threshold, forecast = out.score.tolist(), out.threshold.tolist(), out.forecast.tolist()
-        warm, anomaly, top = out.warm.tolist(), out.is_anomaly.tolist(), out.top.tolist()
-        records = []
-        for i, (dev, st) in enumerate(zip(devs, wave, strict=True)):
-            if not st.observed:
-                continue
-            s = score[i]
-            has_score = s == s  # not NaN
-            records.append(
-                ScoreRecord(
-                    dev,
-                    st.ts_ms,
-                    ok if warm[i] else warming,
-                    s if has_score else None,
-                    threshold[i],
-                    anomaly[i],
-                    sensors[top[i]] if has_score else None,
-                    st.values,
-                    tuple(forecast[i]) if has_score else None,
-                    version,
-                    st.n_readings,
-                )
+        # Whole columns to Python objects at once (indexing numpy arrays per row costs far more); a NaN
+        # score (s != s) means no forecast yet, so no score, top sensor or forecast either.
+        columns = zip(
+            devs,
+            wave,
+            out.score.tolist(),
+            out.threshold.tolist(),
+            out.warm.tolist(),
+            out.is_anomaly.tolist(),
+            out.top.tolist(),
+            out.forecast.tolist(),
+            strict=True,
+        )
+        return [
+            ScoreRecord(
+                dev,
+                st.ts_ms,
+                ok if warm else warming,
+                s if s == s else None,
+                thr,
+                anomaly,
+                sensors[top] if s == s else None,
+                st.values,
+                tuple(fc) if s == s else None,
+                version,
+                st.n_readings,
             )
-        return records
+            for dev, st, s, thr, warm, anomaly, top, fc in columns
+            if st.observed
+        ]
