@@ -79,7 +79,7 @@ class BadInputConfig:
     seed: int = 0
     step_ms: int = 1000
     timeout_s: float = 300.0
-    torch_threads: int | None = None  # OMP_NUM_THREADS for the workers (None: as inherited)
+    torch_threads: int = 1  # IOTAD_TORCH_THREADS of the workers
 
     @property
     def readings(self) -> int:
@@ -318,6 +318,7 @@ def run_once(cfg: BadInputConfig, mode: str, base: Path, tag: str, log: Log = _s
         partitions=4,
         step_ms=cfg.step_ms,
         warmup_steps=5,
+        torch_threads=cfg.torch_threads,
     )
     with PipelineStack(s, workers=0) as stack:
         t = time.perf_counter()
@@ -407,20 +408,10 @@ def summarise(cfg: BadInputConfig, runs: list[RunResult]) -> dict[str, Any]:
 
 def main(cfg: BadInputConfig, *, as_json: bool = False, log: Log = _stderr) -> dict[str, Any]:
     runs: list[RunResult] = []
-    saved = os.environ.get("OMP_NUM_THREADS")
-    if cfg.torch_threads is not None:  # inherited by the worker processes (PipelineStack.worker_env)
-        os.environ["OMP_NUM_THREADS"] = str(cfg.torch_threads)
-    try:
-        with tempfile.TemporaryDirectory(prefix="iotad-bad-input-") as tmp:
-            for i in range(cfg.repeats):
-                for mode in ("clean", "mixed") if i % 2 == 0 else ("mixed", "clean"):
-                    runs.append(run_once(cfg, mode, Path(tmp), str(i), log))
-    finally:
-        if cfg.torch_threads is not None:
-            if saved is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = saved
+    with tempfile.TemporaryDirectory(prefix="iotad-bad-input-") as tmp:
+        for i in range(cfg.repeats):
+            for mode in ("clean", "mixed") if i % 2 == 0 else ("mixed", "clean"):
+                runs.append(run_once(cfg, mode, Path(tmp), str(i), log))
     summary = summarise(cfg, runs)
     keys = ("dlq_share", "crashes", "clean_readings_per_s", "mixed_readings_per_s", "ratio", "cpu_ratio")
     brief = {k: summary[k] for k in keys}

@@ -697,7 +697,8 @@ def pipeline_health() -> db.Dashboard:
         ts_panel(
             "Data quality",
             "Per second: late readings (bucket already closed), re-consumed messages skipped after a restart, "
-            "forward-filled gap steps, device states reset after a long gap.",
+            "forward-filled gap steps, device states reset after a long gap, readings the consumer skipped "
+            "after a restart or rebalance and the worker re-read (offset holes).",
             unit="cps",
             w=24,
         )
@@ -705,6 +706,7 @@ def pipeline_health() -> db.Dashboard:
         .with_target(promql(f"sum(rate(iotad_replayed_skipped_total[{RATE}]))", "replayed, skipped", "B"))
         .with_target(promql(f"sum(rate(iotad_imputed_steps_total[{RATE}]))", "imputed steps", "C"))
         .with_target(promql(f"sum(rate(iotad_state_resets_total[{RATE}]))", "state resets", "D"))
+        .with_target(promql(f"sum(rate(iotad_offsets_refetched_total[{RATE}]))", "offset holes re-read", "E"))
     )
 
     d = d.with_row(db.Row("Workers and model"))

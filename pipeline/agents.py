@@ -24,20 +24,27 @@ import faust
 import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
+from faust.transport.consumer import Consumer as FaustConsumer
 from faust.transport.drivers.aiokafka import Producer as FaustKafkaProducer
 from faust.types import TP, EventT, StreamT
 
+from connectors.kafka_batches import Record, send_batches
+from connectors.kafka_ranges import PartitionReader
+from connectors.kafka_security import KafkaSecurity
 from models.artifact import ArtifactError
 from models.detector import Detector
 from models.drift import DriftMonitor
 from models.scoring import Status
 from pipeline import control as ctl
 from pipeline.app import Components, build_detector, fetch_version, write_checkpoints
+from pipeline.continuity import Hole, OffsetContinuity
 from pipeline.groups import device_grouper
 from pipeline.processor import BatchResult, Inbound
 from pipeline.records import DeadLetter, score_json, score_line
 
 log = logging.getLogger(__name__)
+
+HOLE_READ_TIMEOUT_S = 30.0
 
 
 class ScoringService:
@@ -62,6 +69,12 @@ class ScoringService:
         self._partitioner = DefaultPartitioner()
         self._next_champion: Detector | None = None
         self._next_shadow: tuple[Detector | None] | None = None  # (None,) = stop the shadow
+        self.readings_topic = comp.readings.get_topic_name()
+        self.continuity = OffsetContinuity()
+        self.reader = PartitionReader(s.kafka_bootstrap, s.app_id, security=KafkaSecurity.from_settings(s))
+        # The agent and the idle-flush timer both drive the processor and emit: one at a time, so that
+        # checkpoints and commits always follow the order in which state advanced.
+        self._busy = asyncio.Lock()
 
     async def on_control(self, msg: dict[str, Any]) -> None:
         """``model-updated`` swaps the champion (fetched from the registry, or loaded from ``path``);
@@ -125,25 +138,94 @@ class ScoringService:
             if shadow is not None:
                 m.shadow_info.labels(shadow.version).set(1)
 
+    async def on_assigned(self, partitions: set[int]) -> None:
+        """Start continuity tracking of newly assigned readings partitions at the group's committed offsets."""
+        try:
+            self.continuity.expect(await self.reader.next_offsets(self.readings_topic, partitions))
+        except Exception as exc:  # a failed lookup must not fail the rebalance
+            log.warning(
+                "cannot read committed offsets of %s (%s): holes before the first message go unseen", partitions, exc
+            )
+
+    def on_revoked(self, partitions: set[int]) -> None:
+        self.continuity.forget(partitions)
+        self.c.processor.forget(partitions)
+
     async def handle(self, events: Sequence[EventT]) -> None:
         batch = [
             Inbound(e.message.key, e.message.value or b"", e.message.topic, e.message.partition, e.message.offset)
             for e in events
         ]
-        m = self.c.metrics
-        m.messages.inc(len(batch))
-        m.batch_size.observe(len(batch))
-        self._apply_swaps()
-        t0 = time.perf_counter()
-        res = self.c.processor.process(batch, int(time.time() * 1000))
-        m.step_seconds.observe(time.perf_counter() - t0)
-        await self.emit(res)
+        async with self._busy:
+            holes = self.continuity.advance([(b.partition, b.offset) for b in batch])
+            if holes:
+                batch = await self._fill(batch, holes)
+            m = self.c.metrics
+            m.messages.inc(len(batch))
+            m.batch_size.observe(len(batch))
+            self._apply_swaps()
+            t0 = time.perf_counter()
+            res = self.c.processor.process(batch, int(time.time() * 1000))
+            m.step_seconds.observe(time.perf_counter() - t0)
+            await self.emit(res)
+            if holes:
+                await self._release(holes)
+
+    async def _fill(self, batch: list[Inbound], holes: list[Hole]) -> list[Inbound]:
+        """The batch with each hole's records, re-read from the broker, spliced in before the message that
+        revealed it. Retried until read: a broker that cannot serve them cannot serve the group either."""
+        out: list[Inbound] = []
+        done = 0
+        for hole in holes:
+            out.extend(batch[done : hole.before])
+            done = hole.before
+            delay = 0.5
+            while True:
+                try:
+                    records = await self.reader.read(
+                        self.readings_topic, hole.partition, hole.start, hole.end, timeout_s=HOLE_READ_TIMEOUT_S
+                    )
+                    break
+                except Exception as exc:  # retried; every failure is logged
+                    log.error(
+                        "re-reading %s[%d] %d..%d failed: %s",
+                        self.readings_topic,
+                        hole.partition,
+                        hole.start,
+                        hole.end - 1,
+                        exc,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+            log.warning(
+                "consumer skipped %s[%d] offsets %d..%d: re-read %d records",
+                self.readings_topic,
+                hole.partition,
+                hole.start,
+                hole.end - 1,
+                len(records),
+            )
+            self.c.metrics.refetched.inc(len(records))
+            out.extend(Inbound(r.key, r.value or b"", self.readings_topic, r.partition, r.offset) for r in records)
+        out.extend(batch[done:])
+        return out
+
+    async def _release(self, holes: list[Hole]) -> None:
+        """Let Faust commit past the repaired holes (it never delivered them, so it will never ack them).
+
+        Only after their results were written: a commit that passed them earlier could lose them in a crash.
+        ``Consumer._add_gap`` is Faust's own mechanism for offsets that need no ack.
+        """
+        consumer = cast(FaustConsumer, self.c.app.consumer)
+        for hole in holes:
+            await consumer._add_gap(TP(self.readings_topic, hole.partition), hole.start, hole.end - 1)
 
     async def flush_idle(self) -> None:
-        self._apply_swaps()
-        res = self.c.processor.flush_idle(int(time.time() * 1000))
-        if res.scores or res.dirty:
-            await self.emit(res)
+        async with self._busy:
+            self._apply_swaps()
+            res = self.c.processor.flush_idle(int(time.time() * 1000))
+            if res.scores or res.dirty:
+                await self.emit(res)
 
     async def emit(self, res: BatchResult) -> None:
         m = self.c.metrics
@@ -182,61 +264,37 @@ class ScoringService:
             m.rewarm_seconds.observe(res.rewarm_s)
         m.devices.set(len(self.c.processor.devices))
 
+    def _aio(self) -> AIOKafkaProducer:
+        # Faust's Kafka producer wraps one aiokafka producer; its batch API is what we need here.
+        return cast(FaustKafkaProducer, self.c.app.producer)._ensure_producer()
+
+    async def _topic_partitions(self, topic: str) -> list[int]:
+        parts = self._partitions.get(topic)
+        if parts is None:
+            parts = self._partitions[topic] = sorted(await self._aio().partitions_for(topic))
+        return parts
+
     async def _send_dead_letters(self, dead: list[DeadLetter]) -> list[Awaitable[Any]]:
         """Dead letters as record batches, each to the DLQ partition numbered like its source partition
         (modulo the DLQ's partition count).
 
         One Faust send per dead letter cost the worker about twice a valid reading's whole processing, and the default
-        partitioner hashes the key in pure-Python murmur2 (~13 ms per 100 KB): bad input can carry huge
-        keys. A fresh batch takes any single record, so an oversized original still goes out whole.
+        partitioner hashes the key in pure-Python murmur2 (~13 ms per 100 KB): bad input can carry huge keys.
         """
-        aio: AIOKafkaProducer = cast(FaustKafkaProducer, self.c.app.producer)._ensure_producer()
         parts = await self._topic_partitions(self.dlq_topic)
-        by_partition: dict[int, list[DeadLetter]] = {}
+        by_partition: dict[int, list[Record]] = {}
         for d in dead:
-            by_partition.setdefault(parts[d.partition % len(parts)], []).append(d)
-        futures: list[Awaitable[Any]] = []
-        for partition, items in by_partition.items():
-            batch = aio.create_batch()
-            for d in items:
-                if batch.append(key=d.key, value=d.value, timestamp=None, headers=d.headers()) is None:
-                    futures.append(await aio.send_batch(batch, self.dlq_topic, partition=partition))
-                    batch = aio.create_batch()
-                    batch.append(key=d.key, value=d.value, timestamp=None, headers=d.headers())
-            futures.append(await aio.send_batch(batch, self.dlq_topic, partition=partition))
-        return futures
-
-    async def _topic_partitions(self, topic: str) -> list[int]:
-        parts = self._partitions.get(topic)
-        if parts is None:
-            aio: AIOKafkaProducer = cast(FaustKafkaProducer, self.c.app.producer)._ensure_producer()
-            parts = self._partitions[topic] = sorted(await aio.partitions_for(topic))
-        return parts
+            by_partition.setdefault(parts[d.partition % len(parts)], []).append((d.key, d.value, d.headers()))
+        return await send_batches(self._aio(), self.dlq_topic, by_partition)
 
     async def _send_batched(self, topic: str, records: list[tuple[bytes, bytes]]) -> list[Awaitable[Any]]:
-        """Produce keyed records as one record batch per partition (aiokafka's batch API).
-
-        Sending them one by one through Faust's producer costs several times more per record; the
-        partition is the same murmur2 hash of the key every Kafka client uses.
-        """
-        # Faust's Kafka producer wraps one aiokafka producer; its batch API is what we need here.
-        aio: AIOKafkaProducer = cast(FaustKafkaProducer, self.c.app.producer)._ensure_producer()
-        parts = self._partitions.get(topic)
-        if parts is None:
-            parts = self._partitions[topic] = sorted(await aio.partitions_for(topic))
-        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        """Keyed records as record batches, each to the partition every Kafka client's default partitioner
+        (murmur2 of the key) would choose."""
+        parts = await self._topic_partitions(topic)
+        by_partition: dict[int, list[Record]] = {}
         for key, value in records:
-            by_partition.setdefault(self._partitioner(key, parts, parts), []).append((key, value))
-        futures: list[Awaitable[Any]] = []
-        for partition, items in by_partition.items():
-            batch = aio.create_batch()
-            for key, value in items:
-                if batch.append(key=key, value=value, timestamp=None) is None:
-                    futures.append(await aio.send_batch(batch, topic, partition=partition))
-                    batch = aio.create_batch()
-                    batch.append(key=key, value=value, timestamp=None)
-            futures.append(await aio.send_batch(batch, topic, partition=partition))
-        return futures
+            by_partition.setdefault(self._partitioner(key, parts, parts), []).append((key, value, []))
+        return await send_batches(self._aio(), topic, by_partition)
 
     async def _watch_drift(self, res: BatchResult) -> None:
         """Feed the forecaster's errors (normalised units) per device group; publish a retrain request
@@ -292,15 +350,20 @@ def register(comp: Components) -> ScoringService:
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode's signal stubs reject async
     async def on_revoked(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         revoked: set[TP] = args[0] if args else kwargs.get("revoked", set())
-        parts = {tp.partition for tp in revoked if tp.topic == comp.readings.get_topic_name()}
+        parts = {tp.partition for tp in revoked if tp.topic == svc.readings_topic}
         if parts:
             log.info("partitions %s revoked: dropping cached device state", sorted(parts))
-            comp.processor.forget(parts)
+            svc.on_revoked(parts)
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode's signal stubs reject async
     async def on_assigned(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         assigned: set[TP] = args[0] if args else kwargs.get("assigned", set())
-        topic = comp.readings.get_topic_name()
-        comp.metrics.assigned.set(sum(1 for tp in assigned if tp.topic == topic))
+        parts = {tp.partition for tp in assigned if tp.topic == svc.readings_topic}
+        comp.metrics.assigned.set(len(parts))
+        await svc.on_assigned(parts)
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode's signal stubs reject async
+    async def close_reader(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await svc.reader.stop()
 
     return svc

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import faust
+from aiokafka import AIOKafkaProducer
+from faust.transport.drivers.aiokafka import Producer as FaustKafkaProducer
 from faust.types import TableT
 
 from connectors.influx import RetryingSink, make_writer
+from connectors.kafka_batches import Record, send_batches
 from connectors.kafka_security import KafkaSecurity
 from connectors.kafka_security import register as register_security
 from models.artifact import load_artifact
-from models.detector import Detector, resolve_device
+from models.detector import Detector, resolve_device, set_cpu_threads
 from models.scoring import ScoringConfig, make_threshold
 from pipeline.metrics import Metrics
 from pipeline.processor import Processor, StateSource
@@ -35,7 +38,12 @@ MAX_FETCH_BYTES = 8 * 1024 * 1024
 
 
 def build_detector(settings: Settings, model_dir: Path | None = None) -> Detector:
-    """The detector for ``model_dir`` (default: the configured model) with the configured scoring."""
+    """The detector for ``model_dir`` (default: the configured model) with the configured scoring.
+
+    Also sets the process's torch CPU threads (``IOTAD_TORCH_THREADS``): every process that serves a
+    detector builds it here.
+    """
+    set_cpu_threads(settings.torch_threads)
     artifact = load_artifact(model_dir or settings.model_dir, device=resolve_device(settings.device))
     scoring = ScoringConfig(
         warmup_steps=settings.warmup_steps,
@@ -103,22 +111,21 @@ async def write_checkpoints(app: faust.App, table: TableT, records: Mapping[byte
     """Checkpoint records ``key -> (partition, blob)`` to ``table``'s changelog, awaited, then one end marker
     alone in its batch on each touched partition; the local table view is updated in place.
 
-    Records go straight through the producer to an explicit partition (Faust's per-key table machinery
-    costs several times more per record). Tansu 0.6 reports a partition's high watermark as the base offset
-    of its last record batch + 1, so Faust's recovery, which reads up to the high watermark, would miss the
-    rest of a batched checkpoint; the lone trailing marker makes that watermark exact. Harmless on Kafka:
-    the marker key is no valid device id and nothing reads it.
+    Records go as record batches straight to an explicit partition (Faust's per-key table machinery costs
+    several times more per record). Tansu 0.6 reports a partition's high watermark as the base offset of its
+    last record batch + 1, so Faust's recovery, which reads up to the high watermark, would miss the rest of a
+    batched checkpoint; the lone trailing marker makes that watermark exact. Harmless on Kafka: the marker
+    key is no valid device id and nothing reads it.
     """
-    producer = app.producer
+    aio: AIOKafkaProducer = cast(FaustKafkaProducer, app.producer)._ensure_producer()
     topic = table.changelog_topic.get_topic_name()
-    pending: list[Awaitable[Any]] = []
-    partitions: set[int] = set()
+    by_partition: dict[int, list[Record]] = {}
     for key, (partition, blob) in records.items():
         table.data[key] = blob
-        pending.append(await producer.send(topic, key, blob, partition, None, None))
-        partitions.add(partition)
-    await asyncio.gather(*pending)
-    await asyncio.gather(*[await producer.send(topic, CHANGELOG_MARKER, b"", p, None, None) for p in partitions])
+        by_partition.setdefault(partition, []).append((key, blob, []))
+    await asyncio.gather(*await send_batches(aio, topic, by_partition))
+    markers: dict[int, list[Record]] = {p: [(CHANGELOG_MARKER, b"", [])] for p in by_partition}
+    await asyncio.gather(*await send_batches(aio, topic, markers))
 
 
 def make_faust_app(settings: Settings, app_id: str) -> faust.App:

@@ -310,7 +310,7 @@ def bench_bad_input(
     malformed: Annotated[int, typer.Option(help="Bad messages mixed in (every kind)")] = 10_000,
     oversized: Annotated[int, typer.Option(help="Of which just over 1 MiB (each crosses Kafka twice)")] = 8,
     repeats: Annotated[int, typer.Option(help="Clean/mixed run pairs (median rates)")] = 2,
-    torch_threads: Annotated[int | None, typer.Option(help="OMP_NUM_THREADS for the workers")] = None,
+    torch_threads: Annotated[int, typer.Option(help="IOTAD_TORCH_THREADS of the workers")] = 1,
     seed: Annotated[int, typer.Option()] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on the last line")] = False,
 ) -> None:

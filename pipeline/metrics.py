@@ -21,6 +21,11 @@ class Metrics:
         self.replayed = Counter(
             "iotad_replayed_skipped", "Re-consumed messages already applied to state (after a crash)", registry=r
         )
+        self.refetched = Counter(
+            "iotad_offsets_refetched",
+            "Readings the consumer skipped (offset holes after a restart or rebalance), re-read and processed",
+            registry=r,
+        )
         self.imputed = Counter("iotad_imputed_steps", "Gap steps forward-filled", registry=r)
         self.resets = Counter("iotad_state_resets", "Device states reset after a long gap", registry=r)
         self.batch_size = Histogram(

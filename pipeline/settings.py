@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # Model and scoring
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Directory holding the model artifact")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device; auto = cuda if present")
+    torch_threads: int = Field(
+        1, ge=1, description="torch CPU threads per process (scale with worker processes, one per core)"
+    )
     warmup_steps: int = Field(30, description="Steps a device is 'warming_up' before it can be flagged")
     threshold_method: Literal["static", "adaptive", "likelihood"] = Field("static", description="Thresholding method")
     threshold: float = Field(5.0, description="Static threshold on the normalised score")
