@@ -133,6 +133,8 @@ class _Device:
 
 
 StateSource = Callable[[str], bytes | None]
+# Devices whose histories one checkpoint gathers at a time (bounds the temporary copy).
+_CHECKPOINT_CHUNK = 4096
 
 
 class Processor:
@@ -148,7 +150,6 @@ class Processor:
         self.detector = detector
         self.shadow: Detector | None = None
         self._shadow_warm: set[str] = set()
-        self.history_steps = history_steps
         self.window = window
         self.limits = limits
         self.sensors = tuple(limits.sensors)
@@ -188,14 +189,15 @@ class Processor:
     def checkpoint(self, device_ids: Iterable[str]) -> dict[str, tuple[int, bytes]]:
         """``device -> (partition, serialised state)`` for the changelog."""
         known = [(dev, d) for dev in device_ids if (d := self.devices.get(dev)) is not None]
-        rows = np.fromiter((d.row for _, d in known), np.int64, len(known))
-        history, count = self.history.get(rows)
-        history, count = history.astype(np.float32), count.tolist()
         out = {}
-        for i, (dev, d) in enumerate(known):
-            state = None if d.stale else self.detector.export(dev)
-            cp = _Checkpoint(d.partition, d.last_offset, d.window, state, history[i, : count[i]].tobytes())
-            out[dev] = (d.partition, _enc.encode(cp))
+        for start in range(0, len(known), _CHECKPOINT_CHUNK):
+            chunk = known[start : start + _CHECKPOINT_CHUNK]
+            history, count = self.history.get(np.fromiter((d.row for _, d in chunk), np.int64, len(chunk)))
+            history, count = history.astype(np.float32), count.tolist()
+            for i, (dev, d) in enumerate(chunk):
+                state = None if d.stale else self.detector.export(dev)
+                cp = _Checkpoint(d.partition, d.last_offset, d.window, state, history[i, : count[i]].tobytes())
+                out[dev] = (d.partition, _enc.encode(cp))
         return out
 
     def forget(self, partitions: set[int] | None = None) -> int:

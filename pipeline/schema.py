@@ -89,7 +89,7 @@ class Limits:
     sensors: Sequence[str]
     min_ts_ms: int
     max_future_skew_ms: int
-    decoder: msgspec.json.Decoder[Any] = field(init=False, repr=False, compare=False)
+    decoder: msgspec.json.Decoder[Any] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decoder", _valid_message_decoder(tuple(self.sensors)))
@@ -100,13 +100,16 @@ _InRange = Annotated[float, msgspec.Meta(ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
 
 
 @lru_cache(maxsize=16)
-def _valid_message_decoder(sensors: tuple[str, ...]) -> msgspec.json.Decoder[Any]:
+def _valid_message_decoder(sensors: tuple[str, ...]) -> msgspec.json.Decoder[Any] | None:
     """A decoder of ``_Message`` that only accepts exactly ``sensors``, each in range, in every reading.
 
     What it accepts, the strict decoder accepts too, and the sensor and value checks pass; so valid
     messages (nearly all) skip those per-reading checks in Python. Anything it refuses goes through
-    the exact path, which finds the reason.
+    the exact path, which finds the reason. None for a sensor set with duplicates (no reading can
+    match it; the exact path says why).
     """
+    if len(set(sensors)) != len(sensors):
+        return None
     names = [f"s{i}" for i in range(len(sensors))]
     values = msgspec.defstruct(
         "Values",
@@ -265,6 +268,8 @@ def validate(raw: bytes, key: bytes | None, limits: Limits, now_ms: int) -> list
     """Decode one Kafka message into readings and rejections, in message order. Never raises."""
     if len(raw) > MAX_MESSAGE_BYTES:
         return [Rejection(Reason.OVERSIZED, f"{len(raw)} bytes > {MAX_MESSAGE_BYTES}")]
+    if limits.decoder is None:
+        return _validate_exact(raw, key, limits, now_ms)
     try:
         msg = limits.decoder.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError):  # ValidationError is a DecodeError

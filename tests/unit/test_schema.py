@@ -615,3 +615,9 @@ def test_fast_validation_keeps_the_last_of_duplicate_keys_like_a_dict():
     raw = b'{"device_id": "p", "ts": 1795341600000, "values": ' + values + b"}"
     assert validate(raw, None, LIMITS, NOW_MS) == [Reading("p", NOW_MS, (1.0, 2.0, 3.0))]
     assert validate(raw, None, LIMITS, NOW_MS) == _validate_exact(raw, None, LIMITS, NOW_MS)
+
+
+def test_a_sensor_set_with_duplicates_refuses_every_reading_as_before():
+    limits = Limits(sensors=("temp", "temp"), min_ts_ms=MIN_TS_MS, max_future_skew_ms=SKEW_MS)
+    raw = encode_reading("p", NOW_MS, {"temp": 1.0})
+    assert [r.reason for r in validate(raw, None, limits, NOW_MS)] == [Reason.UNKNOWN_SENSORS]
