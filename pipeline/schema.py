@@ -94,6 +94,10 @@ class Limits:
     def __post_init__(self) -> None:
         object.__setattr__(self, "decoder", _valid_message_decoder(tuple(self.sensors)))
 
+    def __reduce__(self) -> tuple[type[Limits], tuple[Sequence[str], int, int]]:
+        # A decoder cannot be pickled (or deep-copied); the copy builds its own.
+        return Limits, (self.sensors, self.min_ts_ms, self.max_future_skew_ms)
+
 
 # A value the bounds accept (abs(v) <= MAX_ABS_VALUE; JSON numbers decode finite or fail).
 _InRange = Annotated[float, msgspec.Meta(ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]

@@ -621,3 +621,12 @@ def test_a_sensor_set_with_duplicates_refuses_every_reading_as_before():
     limits = Limits(sensors=("temp", "temp"), min_ts_ms=MIN_TS_MS, max_future_skew_ms=SKEW_MS)
     raw = encode_reading("p", NOW_MS, {"temp": 1.0})
     assert [r.reason for r in validate(raw, None, limits, NOW_MS)] == [Reason.UNKNOWN_SENSORS]
+
+
+def test_limits_pickle_and_copy_as_plain_values():
+    import copy
+    import pickle
+
+    for twin in (pickle.loads(pickle.dumps(LIMITS)), copy.deepcopy(LIMITS)):
+        assert twin == LIMITS
+        assert validate(encode_reading("p", NOW_MS, GOOD), None, twin, NOW_MS) == [Reading("p", NOW_MS, GOOD_VEC)]
