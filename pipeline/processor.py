@@ -286,37 +286,41 @@ class Processor:
         res.rewarm_s += time.perf_counter() - t
 
     def _run(self, pending: dict[str, list[Step]], res: BatchResult) -> None:
-        """Step every device through its pending steps, in ordered waves of distinct devices."""
+        """Step every device through its pending steps, in ordered waves of distinct devices: wave k
+        holds the k-th step of every device that has one, in ``pending`` order."""
         if not pending:
             return
         self._prepare(pending, res)
-        depth = 0
-        while pending:
-            devs = list(pending)
-            wave = [pending[d][depth] for d in devs]
+        devs, steps = list(pending), list(pending.values())
+        lengths = np.fromiter(map(len, steps), np.int64, len(devs))
+        rows = np.fromiter((self.devices[d].row for d in devs), np.int64, len(devs))
+        detectors = [self.detector] if self.shadow is None else [self.detector, self.shadow]
+        slots = [np.fromiter((det.slots[d] for d in devs), np.int64, len(devs)) for det in detectors]
+        for depth in range(int(lengths.max())):
+            alive = np.flatnonzero(lengths > depth)
+            wave_devs = [devs[i] for i in alive.tolist()]
+            wave = [steps[i][depth] for i in alive.tolist()]
             x = np.array([s.values for s in wave], np.float64)
             observed = np.array([s.observed for s in wave])
             resets = np.array([s.reset for s in wave])
             res.resets += int(resets.sum())
-            res.scores.extend(self._step(self.detector, devs, wave, x, observed, resets))
+            res.scores.extend(self._step(self.detector, slots[0][alive], wave_devs, wave, x, observed, resets))
             if self.shadow is not None:
-                res.shadow_scores.extend(self._step(self.shadow, devs, wave, x, observed, resets))
-            self.history.append(np.fromiter((self.devices[d].row for d in devs), np.int64, len(devs)), x)
+                res.shadow_scores.extend(self._step(self.shadow, slots[1][alive], wave_devs, wave, x, observed, resets))
+            self.history.append(rows[alive], x)
             res.imputed += int((~observed).sum())
             res.waves += 1
-            depth += 1
-            pending = {d: s for d, s in pending.items() if len(s) > depth}
 
     def _step(
         self,
         detector: Detector,
+        slots: np.ndarray,
         devs: list[str],
         wave: list[Step],
         x: np.ndarray,
         observed: np.ndarray,
         resets: np.ndarray,
     ) -> list[ScoreRecord]:
-        slots = np.fromiter((detector.slots[d] for d in devs), np.int64, len(devs))
         if resets.any():
             detector.reset(slots[resets])
         out = detector.step(slots, x, observed)
