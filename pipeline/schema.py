@@ -173,7 +173,7 @@ def _check_item(
     device_id: str, ts: int | str, values: Any, limits: Limits, now_ms: int, index: int, check_values: ValuesCheck
 ) -> Reading | Rejection:
     try:
-        ts_ms = parse_ts(ts)
+        ts_ms = ts if type(ts) is int else parse_ts(ts)
     except (ValueError, OverflowError) as exc:
         return Rejection(Reason.BAD_TIMESTAMP, f"cannot parse ts {str(ts)[:64]!r}: {exc}", index)
     if ts_ms < limits.min_ts_ms or ts_ms > now_ms + limits.max_future_skew_ms:

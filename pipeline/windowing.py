@@ -91,10 +91,11 @@ def add_reading(
     b = bucket_of(ts_ms, cfg.step_ms)
     if w.last_closed is not None and b <= w.last_closed:
         return None
-    if not w.open and b * cfg.step_ms + cfg.grace_ms <= max(ts_ms, w.watermark):
+    if ts_ms > w.watermark:
+        w.watermark = ts_ms
+    w.last_seen_wall_ms = now_wall_ms
+    if not w.open and b * cfg.step_ms + cfg.grace_ms <= w.watermark:
         # The common case (in order, on the grid): nothing else open and the reading closes its own bucket.
-        w.watermark = max(ts_ms, w.watermark)
-        w.last_seen_wall_ms = now_wall_ms
         out: list[Step] = []
         _emit(w, cfg, b, values, 1, out)
         return out
@@ -106,9 +107,6 @@ def add_reading(
         for i, v in enumerate(values):
             sums[i] += v
         w.open[b] = (sums, n + 1)
-    if ts_ms > w.watermark:
-        w.watermark = ts_ms
-    w.last_seen_wall_ms = now_wall_ms
     return _close(w, cfg, force=False)
 
 
