@@ -50,14 +50,6 @@ def _run(name: str, tmp_path: Path, cfg: FaultConfig = FAST) -> Outcome:
     return out
 
 
-_FAUST_REFETCH_BUG = (
-    "known bug, issue 6: after a SIGKILL or a rebalance Faust's consumer sometimes drops re-fetched messages "
-    "below its read offset ('DROPPED MESSAGE ROFF'), losing 1-650 readings in ~1 of 8 runs; "
-    "run with IOTAD_FAULT_TESTS=1 (see ARCHITECTURE.md, Known issues)"
-)
-
-
-@pytest.mark.skipif(os.environ.get("IOTAD_FAULT_TESTS") != "1", reason=_FAUST_REFETCH_BUG)
 def test_worker_killed_three_times_mid_stream(tmp_path: Path) -> None:
     out = _run("kill", tmp_path)
     kills = out.details["kills"]
@@ -65,7 +57,6 @@ def test_worker_killed_three_times_mid_stream(tmp_path: Path) -> None:
     assert out.influx_points == out.readings_sent  # replays overwrote their points
 
 
-@pytest.mark.skipif(os.environ.get("IOTAD_FAULT_TESTS") != "1", reason=_FAUST_REFETCH_BUG)
 def test_rebalance_two_one_two_workers_under_load(tmp_path: Path) -> None:
     out = _run("rebalance", tmp_path, replace(FAST, stream_s=22.0))
     assigned = [sorted(p["assigned"]) for p in out.details["phases"]]
