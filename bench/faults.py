@@ -599,7 +599,9 @@ def settle_and_verify(
     out.details["dead_letters"] = len(dead)
     out.checks["no_dead_letters"] = not dead
     out.details["settle_s"] = round(time.monotonic() - t0, 1)
-    out.details["faust_dropped_messages"], dropped = faust_drops(stack)
+    consumer = consumer_log(stack)
+    out.details["faust_dropped_messages"] = consumer.dropped
+    out.details["offset_holes_refetched"] = consumer.refetched
 
     score_keys = Counter((x["device_id"], int(x["ts"])) for x in scores)
     point_keys = Counter((p["device"], p["ts"]) for p in points)
@@ -636,8 +638,8 @@ def settle_and_verify(
     out.status_mismatches = b1 + b2
     lost = sorted(sent - (point_keys.keys() & score_keys.keys()))
     if lost:
-        # Readings never scored that Faust's consumer logged as dropped in a worker (see faust_drops).
-        out.details["lost_dropped_by_faust_consumer"] = len(set(lost) & dropped)
+        # Readings never scored that Faust's consumer logged as dropped in a worker (see consumer_log).
+        out.details["lost_dropped_by_faust_consumer"] = len(set(lost) & consumer.dropped_readings)
     if lost or off1 or off2:
         # Evidence for a failure: a few examples here, every output of the devices concerned on disk.
         out.details["lost_examples"] = [
@@ -677,28 +679,41 @@ def _child_env(cfg: FaultConfig) -> dict[str, str]:
 
 
 _DROPPED = re.compile(r"DROPPED MESSAGE ROFF \d+: k=b'([^']*)' v=b'\{\"device_id\":\"[^\"]*\",\"ts\":(\d+)")
+_REREAD = re.compile(r"consumer skipped .* re-read (\d+) records")
 
 
-def faust_drops(stack: PipelineStack) -> tuple[dict[str, int], set[tuple[str, int]]]:
-    """Messages Faust's consumer dropped (offset below its read offset; logged with DEVLOG=1): the count per
-    worker log, and the (device, ts) of the readings among them."""
-    counts: dict[str, int] = {}
-    readings: set[tuple[str, int]] = set()
+@dataclass
+class ConsumerLog:
+    """From the worker logs: messages Faust's consumer dropped (offset below its read offset; logged with
+    DEVLOG=1) per worker and the (device, ts) of the readings among them, and the records the worker re-read
+    to fill the offset holes that left (``pipeline.continuity``) per worker."""
+
+    dropped: dict[str, int] = field(default_factory=dict)
+    dropped_readings: set[tuple[str, int]] = field(default_factory=set)
+    refetched: dict[str, int] = field(default_factory=dict)
+
+
+def consumer_log(stack: PipelineStack) -> ConsumerLog:
+    out = ConsumerLog()
     if stack.run_dir is not None:
         for path in sorted(stack.run_dir.glob("*.log")):
-            n = 0
+            dropped = refetched = 0
             try:
                 with path.open(errors="replace") as f:
                     for line in f:
                         if "DROPPED MESSAGE ROFF" in line:
-                            n += 1
+                            dropped += 1
                             if m := _DROPPED.search(line):
-                                readings.add((m.group(1), int(m.group(2))))
+                                out.dropped_readings.add((m.group(1), int(m.group(2))))
+                        elif m := _REREAD.search(line):
+                            refetched += int(m.group(1))
             except OSError:
                 continue
-            if n:
-                counts[path.stem] = n
-    return counts, readings
+            if dropped:
+                out.dropped[path.stem] = dropped
+            if refetched:
+                out.refetched[path.stem] = refetched
+    return out
 
 
 def scenario_settings(base: Settings, name: str, data_dir: Path, cfg: FaultConfig) -> Settings:

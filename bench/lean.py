@@ -2,7 +2,9 @@
 
 consume (getmany) -> the same :class:`~pipeline.processor.Processor` (decode, validate, window, ONE
 batched model step per wave) -> the same InfluxDB sink -> scores produced in one batch per
-micro-batch -> commit. Checkpointing is left out, which makes this an upper bound.
+micro-batch -> the touched devices' checkpoints (the same records, as record batches, plus the end
+marker per partition, to a changelog topic of its own) -> commit. What it leaves out is Faust: events,
+acks, streams, tables.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import time
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from connectors.influx import RetryingSink, make_writer
+from connectors.kafka_admin import create_topics
+from connectors.kafka_batches import Record, send_batches
 from connectors.kafka_security import KafkaSecurity
-from pipeline.app import build_detector, build_processor
+from pipeline.app import CHANGELOG_MARKER, build_detector, build_processor
 from pipeline.processor import Inbound
 from pipeline.records import score_json, score_line
 from pipeline.settings import Settings
@@ -40,6 +44,8 @@ async def run_lean(settings: Settings, topic: str, expected_scores: int, timeout
         **security,
     )
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, **security)
+    changelog = f"{settings.topic_prefix}.changelog"
+    await asyncio.to_thread(create_topics, settings.kafka_bootstrap, {changelog: settings.partitions})
     await consumer.start()
     await producer.start()
     scored, t0 = 0, None
@@ -58,18 +64,15 @@ async def run_lean(settings: Settings, topic: str, expected_scores: int, timeout
             if res.scores:
                 await sink.write([score_line(r, sensors, settings.influx_measurement) for r in res.scores])
                 now_ms = int(time.time() * 1000)
-                batch = producer.create_batch()
-                pending = []
-                for r in res.scores:
-                    if (
-                        batch.append(key=r.device_id.encode(), value=score_json(r, sensors, now_ms), timestamp=None)
-                        is None
-                    ):
-                        pending.append(await producer.send_batch(batch, settings.scores_topic, partition=0))
-                        batch = producer.create_batch()
-                        batch.append(key=r.device_id.encode(), value=score_json(r, sensors, now_ms), timestamp=None)
-                pending.append(await producer.send_batch(batch, settings.scores_topic, partition=0))
-                await asyncio.gather(*pending)
+                scores: list[Record] = [(r.device_id.encode(), score_json(r, sensors, now_ms), []) for r in res.scores]
+                await asyncio.gather(*await send_batches(producer, settings.scores_topic, {0: scores}))
+            if res.dirty:
+                by_partition: dict[int, list[Record]] = {}
+                for dev, (partition, blob) in processor.checkpoint(res.dirty).items():
+                    by_partition.setdefault(partition, []).append((dev.encode(), blob, []))
+                await asyncio.gather(*await send_batches(producer, changelog, by_partition))
+                markers: dict[int, list[Record]] = {p: [(CHANGELOG_MARKER, b"", [])] for p in by_partition}
+                await asyncio.gather(*await send_batches(producer, changelog, markers))
             await consumer.commit()
             scored += len(res.scores)
     finally:

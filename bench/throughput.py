@@ -6,8 +6,8 @@ For each fleet size N (``iotad bench throughput --devices 100,10000 --json``):
    readings per device) are pre-loaded into a fresh readings topic.
 2. Faust: a real ``iotad worker`` process drains the backlog; readings/s = scores written / time from
    its first consumed message to its last score (metrics polled every 0.1 s).
-3. Ceiling: bench.lean does the same work (decode, validate, window, batched step, InfluxDB, scores)
-   on the same broker and backlog with aiokafka and no Faust.
+3. Ceiling: bench.lean does the same work (decode, validate, window, batched step, InfluxDB, scores,
+   checkpoints) on the same broker and backlog with aiokafka and no Faust.
 4. Latency: a paced run (one reading per device per second, as many devices as half the Faust rate)
    measures reading timestamp -> score emitted (after its InfluxDB write), p50/p99.
 5. The batched model step alone (B = min(N, 8192)) vs one call per reading.
@@ -29,8 +29,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from bench.faults import rss_kib
 from bench.lean import run_lean
-from connectors.kafka_admin import create_topics, make_producer, read_all
+from connectors.kafka_admin import create_topics, end_offsets, make_producer, read_all
 from connectors.simulator import FleetSimulator, run_simulation
 from pipeline.app import build_detector, build_processor
 from pipeline.processor import Inbound
@@ -87,12 +88,14 @@ def _latency(stack: PipelineStack, settings: Settings, n_devices: int, seconds: 
     topic = f"{settings.topic_prefix}.readings"
     sim = FleetSimulator(n_devices, seed=12, step_ms=settings.step_ms, anomaly_rate=0, device_prefix="lat")
     producer = make_producer(stack.bootstrap, acks=1, linger_ms=5)
+    # Only the scores after the backlog's: re-reading 100,000s of backlog scores per poll never caught up.
+    start = end_offsets(stack.bootstrap, settings.scores_topic)
     stats = run_simulation(producer, topic, sim, steps=seconds, rate_steps_per_s=1000 / settings.step_ms)
     producer.close()
     lat = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        recs = read_all(stack.bootstrap, settings.scores_topic, idle_timeout_s=1.0)
+        recs = read_all(stack.bootstrap, settings.scores_topic, idle_timeout_s=1.0, start=start)
         lat = [
             x["emitted_at"] - x["ts"]
             for x in (msgspec.json.decode(r.value or b"{}") for r in recs)
@@ -157,8 +160,10 @@ def bench_fleet(n_devices: int, readings: int, envelope: int, base: Path) -> dic
         t = time.perf_counter()
         total = _preload(stack.bootstrap, settings.readings_topic, n_devices, steps, envelope, settings.step_ms)
         preload_s = time.perf_counter() - t
-        stack.add_worker()
+        worker = stack.add_worker()
+        rss_ready = rss_kib(worker.pid) if worker.pid else None
         faust_rate = _drain_rate(stack, total, timeout_s=600)
+        rss_drained = rss_kib(worker.pid) if worker.pid else None
         # The ceiling drains the same backlog with its own consumer group and scores topic.
         lean_settings = settings.model_copy(update={"topic_prefix": f"{name}-lean"})
         ceiling = asyncio.run(run_lean(lean_settings, settings.readings_topic, total))
@@ -180,6 +185,11 @@ def bench_fleet(n_devices: int, readings: int, envelope: int, base: Path) -> dic
         "step_batched_per_s": round(batched),
         "step_per_reading_per_s": round(single),
         "state_checkpoint_bytes_per_device": round(state_bytes),
+        # Worker RSS growth from ready (model loaded, no device) to backlog drained, per device tracked.
+        "worker_rss_mib": round(rss_drained / 1024, 1) if rss_drained else None,
+        "worker_rss_growth_bytes_per_device": (
+            round((rss_drained - rss_ready) * 1024 / n_devices) if rss_ready and rss_drained else None
+        ),
     }
 
 

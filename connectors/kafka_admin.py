@@ -118,6 +118,27 @@ def make_producer(bootstrap: str, *, security: KafkaSecurity | None = None, **ov
     return KafkaProducer(**config)
 
 
+def end_offsets(bootstrap: str, topic: str, *, security: KafkaSecurity | None = None) -> dict[int, int]:
+    """Each partition's end offset (where the next message will go).
+
+    Tansu 0.6 reports the base offset of a partition's last record batch + 1 instead, so there it can be
+    lower: reading from it may return some earlier messages as well.
+    """
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        client_id="iotad-reader",
+        group_id=None,
+        enable_auto_commit=False,
+        allow_auto_create_topics=False,
+        **security_for(bootstrap, security).kafka_python(),
+    )
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        return {tp.partition: offset for tp, offset in consumer.end_offsets(tps).items()}
+    finally:
+        consumer.close()
+
+
 def read_all(
     bootstrap: str,
     topic: str,
@@ -125,9 +146,11 @@ def read_all(
     idle_timeout_s: float = 1.0,
     timeout_s: float = 30.0,
     min_records: int = 0,
+    start: Mapping[int, int] | None = None,
     security: KafkaSecurity | None = None,
 ) -> list[Record]:
-    """Every message of topic from the beginning, sorted by (partition, offset).
+    """Every message of topic from the beginning (or from ``start``: partition -> offset, as returned by
+    :func:`end_offsets` before the messages of interest were sent), sorted by (partition, offset).
 
     Uses manual assignment (no group, nothing committed). Stops once at least min_records were read and
     nothing new arrived for idle_timeout_s, or when timeout_s is up (returning what it has: the caller
@@ -155,6 +178,9 @@ def read_all(
         assignment = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(assignment)
         consumer.seek_to_beginning(*assignment)
+        for tp in assignment:
+            if start and tp.partition in start:
+                consumer.seek(tp, start[tp.partition])
         last_new = time.monotonic()
         while True:
             now = time.monotonic()

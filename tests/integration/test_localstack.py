@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from connectors.influx import count_points, influx_v1_query
-from connectors.kafka_admin import create_topics, make_producer, read_all, wait_for_broker
+from connectors.kafka_admin import create_topics, end_offsets, make_producer, read_all, wait_for_broker
 from connectors.localstack import InfluxD, LocalStack, ServerStartError, Tansu, free_port, new_run_dir
 
 pytestmark = pytest.mark.integration
@@ -84,6 +84,26 @@ def test_topics_and_round_trip_with_headers(tansu, unique_name):
     for p in {r.partition for r in records}:
         offsets = [r.offset for r in records if r.partition == p]
         assert offsets == list(range(len(offsets)))
+
+
+def test_read_all_from_end_offsets_sees_only_later_messages(tansu, unique_name):
+    topic = unique_name("later")
+    create_topics(tansu.bootstrap, {topic: 2})
+    producer = make_producer(tansu.bootstrap)
+    try:
+        for i in range(10):
+            producer.send(topic, key=b"k", value=f"old{i}".encode(), partition=i % 2)
+            producer.flush(10)  # one record per batch: Tansu's end offset is its last batch's base + 1
+        start = end_offsets(tansu.bootstrap, topic)
+        assert start == {0: 5, 1: 5}
+        for i in range(4):
+            producer.send(topic, key=b"k", value=f"new{i}".encode(), partition=i % 2)
+        producer.flush(10)
+    finally:
+        producer.close(5)
+    records = read_all(tansu.bootstrap, topic, idle_timeout_s=0.5, timeout_s=15, min_records=4, start=start)
+    assert sorted(r.value for r in records) == [b"new0", b"new1", b"new2", b"new3"]
+    assert {(r.partition, r.offset) for r in records} == {(0, 5), (0, 6), (1, 5), (1, 6)}
 
 
 def test_read_all_missing_topic_returns_empty(tansu, unique_name):
