@@ -30,6 +30,7 @@ from models.scoring import (
     ReferenceDeviation,
     ScoringConfig,
     SeasonalDeviation,
+    SpreadDeviation,
     Threshold,
     WeeklySeasonalDeviation,
 )
@@ -108,6 +109,10 @@ class NabConfig:
     seasonal_bins: int = 24
     # Hour-of-week profiles where a bin has been seen for 3 weeks, hour-of-day before (WeeklySeasonalDeviation).
     weekly: bool = True
+    # Ensemble with a SpreadDeviation: a change of the noise level (log-spread of the increments, 30-step
+    # EWMA, spikes clipped at 3x the spread) vs its prefix reference, which neither the level nor the
+    # one-step error shows for long (a metric that starts to oscillate, usual spikes that stop).
+    spread: bool = True
 
 
 @dataclass
@@ -211,7 +216,9 @@ def nab_threshold(cfg: NabConfig) -> Threshold:
         seasonal = WeeklySeasonalDeviation(per_day=cfg.seasonal_bins, span=cfg.reference_span)
     elif cfg.seasonal:
         seasonal = SeasonalDeviation(bins=cfg.seasonal_bins, span=cfg.reference_span)
-    return LikelihoodThreshold(lik, cfg.flag_value, ref, seasonal)
+    # warm-up 30 + reference 100 seen steps: set within the shortest NAB prefix (186 rows; seen from row 36)
+    spread = SpreadDeviation(span=30, skip_steps=30, reference_steps=100) if cfg.spread else None
+    return LikelihoodThreshold(lik, cfg.flag_value, ref, seasonal, spread)
 
 
 def hour_of_day(timestamps: Sequence[str], bins: int = 24, weekly: bool = False) -> np.ndarray:

@@ -479,10 +479,10 @@ class LikelihoodThreshold(Threshold):
     (log-scaled, in ``[0, 1]``), and a step is flagged when that exceeds ``value`` (0.5 = tail 1e-5).
 
     The raw score may first be put in an ensemble (max) with a :class:`ReferenceDeviation` of the inputs
-    (``reference``) and a :class:`SeasonalDeviation` (``seasonal``, which needs the step's ``context``).
-    The detector reports the likelihood as the step's score. Flagged steps are not learnt by the
-    likelihood distribution (nor by the ensemble's levels) unless the scoring config lets anomalies be
-    learnt.
+    (``reference``), a :class:`SeasonalDeviation` (``seasonal``, which needs the step's ``context``) and a
+    :class:`SpreadDeviation` (``spread``, a change of the noise level). The detector reports the
+    likelihood as the step's score. Flagged steps are not learnt by the likelihood distribution (nor by
+    the ensemble's levels) unless the scoring config lets anomalies be learnt.
     """
 
     name = "likelihood"
@@ -493,25 +493,25 @@ class LikelihoodThreshold(Threshold):
         value: float = 0.5,
         reference: ReferenceDeviation | None = None,
         seasonal: SeasonalDeviation | WeeklySeasonalDeviation | None = None,
+        spread: SpreadDeviation | None = None,
     ) -> None:
         self.likelihood = likelihood or AnomalyLikelihood()
         self.value = value
         self.reference = reference  # optional ensemble: raw = max(raw, reference deviation of the inputs)
         self.seasonal = seasonal  # optional ensemble: raw = max(raw, seasonal deviation of the inputs)
+        self.spread = spread  # optional ensemble: raw = max(raw, change of the inputs' noise level)
 
     def grow(self, capacity: int) -> None:
         self.likelihood.grow(capacity)
-        if self.reference is not None:
-            self.reference.grow(capacity)
-        if self.seasonal is not None:
-            self.seasonal.grow(capacity)
+        for member in (self.reference, self.seasonal, self.spread):
+            if member is not None:
+                member.grow(capacity)
 
     def reset(self, slots: np.ndarray) -> None:
         self.likelihood.reset(slots)
-        if self.reference is not None:
-            self.reference.reset(slots)
-        if self.seasonal is not None:
-            self.seasonal.reset(slots)
+        for member in (self.reference, self.seasonal, self.spread):
+            if member is not None:
+                member.reset(slots)
 
     def values(self, slots: np.ndarray) -> np.ndarray:
         return np.full(len(slots), self.value)
@@ -525,16 +525,21 @@ class LikelihoodThreshold(Threshold):
         if self.seasonal is not None:
             bins = np.full(len(slots), -1, np.int64) if context is None else np.asarray(context, np.int64)
             scores = np.maximum(scores, self.seasonal.step(slots, x, seen, bins))
+        if self.spread is not None:
+            scores = np.maximum(scores, self.spread.step(slots, x, seen))
         return self.likelihood.step(slots, scores, x, seen)
 
     def update(self, slots: np.ndarray, scores: np.ndarray, learn: np.ndarray) -> None:
         self.likelihood.update(slots, learn)
-        if self.reference is not None:
-            self.reference.update(slots, learn)
-        if self.seasonal is not None:
-            self.seasonal.update(slots, learn)
+        for member in (self.reference, self.seasonal, self.spread):
+            if member is not None:
+                member.update(slots, learn)
 
     def export(self, slot: int) -> list[float]:
+        if self.spread is not None:  # every part with its length: [n, own.., n, ref.., n, seasonal.., spread..]
+            parts = [self.likelihood.export(slot)]
+            parts += [m.export(slot) if m is not None else [] for m in (self.reference, self.seasonal)]
+            return [v for p in parts for v in (float(len(p)), *p)] + self.spread.export(slot)
         if self.reference is None and self.seasonal is None:
             return self.likelihood.export(slot)
         own = self.likelihood.export(slot)
@@ -544,6 +549,17 @@ class LikelihoodThreshold(Threshold):
         return [float(len(own)), *own, float(len(ref)), *ref, *self.seasonal.export(slot)]
 
     def restore(self, slot: int, state: list[float]) -> None:
+        if self.spread is not None:
+            rest = list(state)
+            for member in (self.likelihood, self.reference, self.seasonal):
+                if not rest or len(rest) < 1 + int(rest[0]):
+                    return
+                k = int(rest[0])
+                if member is not None:
+                    member.restore(slot, rest[1 : 1 + k])
+                rest = rest[1 + k :]
+            self.spread.restore(slot, rest)
+            return
         if self.reference is None and self.seasonal is None:
             self.likelihood.restore(slot, state)
             return
@@ -674,6 +690,132 @@ class ReferenceDeviation:
         self.n[slot] = int(state[0])
         for i, name in enumerate(("ema", "mean", "m2", "level")):
             getattr(self, name)[slot] = state[1 + i * f : 1 + (i + 1) * f]
+
+
+class SpreadDeviation:
+    """Per-slot change of the input's *noise level* (spread of its increments), batched and causal.
+
+    A level baseline and a one-step forecast error see a change of level; a series whose noise grows
+    (a metric that starts to oscillate) or whose usual spikes stop coming shows neither for long. Per
+    slot and feature, the increment ``d = x_t - x_{t-1}`` updates a short-term spread, an EWMA of
+    ``d^2`` over ``span`` steps, with ``d`` clipped at ``clip`` x the current spread (Huber style: one
+    spike is not a noise level; a lasting change still moves the spread geometrically). The score is
+    ``|l - level| / std`` of its log ``l = 0.5 log(spread + eps)``: the first ``skip_steps`` seen steps
+    warm the spread up, the next ``reference_steps`` fix the mean and std of ``l`` (the std floored at
+    ``0.5 sqrt(2 / span)``, the sampling std of a log-spread of ``span`` increments), after which the
+    level follows ``l`` with half-life ``halflife_steps`` on the steps the caller lets learn (not the
+    flagged ones), as :class:`ReferenceDeviation`'s level. Two-sided: more noise and less noise both
+    score. Scores are 0 until the reference is set.
+    """
+
+    def __init__(
+        self,
+        *,
+        span: float = 30.0,
+        clip: float = 3.0,
+        skip_steps: int = 30,
+        reference_steps: int = 100,
+        halflife_steps: float = 200.0,
+        eps: float = 1e-6,
+    ) -> None:
+        if span < 1 or clip <= 0 or skip_steps < 1 or reference_steps < 2 or halflife_steps <= 0 or eps <= 0:
+            raise ValueError("span >= 1, clip > 0, skip_steps >= 1, reference_steps >= 2, halflife_steps > 0, eps > 0")
+        self.alpha = 2.0 / (span + 1.0)
+        self.clip, self.eps = clip, eps
+        self.std_floor = 0.5 * math.sqrt(2.0 / span)
+        self.rate = float(1.0 - 0.5 ** (1.0 / halflife_steps))
+        self.skip_steps, self.reference_steps = skip_steps, reference_steps
+        self.n = np.zeros(0, np.int64)
+        self.f = 0
+        self.last = np.zeros((0, 0))  # the last input
+        self.spread = np.zeros((0, 0))  # EWMA of the squared (clipped) increments
+        self.logs = np.zeros((0, 0))  # the last log-spread (what update() learns)
+        self.mean = np.zeros((0, 0))  # reference mean / sum of squares of the log-spread
+        self.m2 = np.zeros((0, 0))
+        self.level = np.zeros((0, 0))
+        self.z = np.zeros((0, 0))  # the last step's per-feature scores (B, F)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.n)
+
+    @property
+    def calibration_steps(self) -> int:
+        return self.skip_steps + self.reference_steps
+
+    def _features(self, f: int) -> None:
+        if f != self.f:
+            self.f = f
+            for name in _SPREAD_ROWS:
+                setattr(self, name, np.zeros((self.capacity, f)))
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - self.capacity
+        if extra <= 0:
+            return
+        self.n = np.concatenate([self.n, np.zeros(extra, np.int64)])
+        for name in _SPREAD_ROWS:
+            setattr(self, name, np.concatenate([getattr(self, name), np.zeros((extra, self.f))]))
+
+    def reset(self, slots: np.ndarray) -> None:
+        self.n[slots] = 0
+        for name in _SPREAD_ROWS:
+            getattr(self, name)[slots] = 0.0
+
+    def ready(self, slots: np.ndarray) -> np.ndarray:
+        return self.n[slots] >= self.calibration_steps
+
+    def step(self, slots: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """Scores ``(B,)`` of inputs ``x`` ``(B, F)``; advances the spread (and, within the reference
+        period, the reference) of the ``seen`` rows."""
+        x = np.asarray(x, np.float64)
+        self._features(x.shape[1])
+        s, xs = slots[seen], x[seen]
+        n = self.n[s][:, None]
+        d = xs - self.last[s]
+        sp = self.spread[s]
+        bound = self.clip * np.sqrt(sp)
+        d = np.where(sp > 0, np.clip(d, -bound, bound), d)
+        sp = np.where(n == 0, 0.0, np.where(n == 1, d * d, sp + self.alpha * (d * d - sp)))
+        self.spread[s], self.last[s] = sp, xs
+        log_spread = 0.5 * np.log(sp + self.eps)
+        self.logs[s] = log_spread
+        k = n[:, 0] - self.skip_steps
+        ref = (k >= 0) & (k < self.reference_steps)
+        if ref.any():
+            r = s[ref]
+            kk = (k[ref] + 1)[:, None].astype(np.float64)
+            delta = log_spread[ref] - self.mean[r]
+            self.mean[r] += delta / kk
+            self.m2[r] += delta * (log_spread[ref] - self.mean[r])
+            self.level[r] = self.mean[r]
+        self.n[s] += 1
+        k_all = np.clip(self.n[slots] - self.skip_steps, 1, self.reference_steps)[:, None]
+        std = np.maximum(np.sqrt(self.m2[slots] / k_all), self.std_floor)
+        z = np.abs(self.logs[slots] - self.level[slots]) / std
+        self.z = np.where((seen & self.ready(slots))[:, None], z, 0.0)
+        return self.z.max(axis=1) if self.f else np.zeros(len(slots))
+
+    def update(self, slots: np.ndarray, learn: np.ndarray) -> None:
+        """Let the level of the ``learn`` rows (past the reference period) follow their log-spread."""
+        s = slots[np.asarray(learn, bool) & self.ready(slots)]
+        self.level[s] += self.rate * (self.logs[s] - self.level[s])
+
+    def export(self, slot: int) -> list[float]:
+        return [float(self.n[slot]), *np.concatenate([getattr(self, n)[slot] for n in _SPREAD_ROWS]).tolist()]
+
+    def restore(self, slot: int, state: list[float]) -> None:
+        rows = len(_SPREAD_ROWS)
+        if self.f == 0 and len(state) > 1 and (len(state) - 1) % rows == 0:
+            self._features((len(state) - 1) // rows)
+        if len(state) != 1 + rows * self.f:
+            return
+        self.n[slot] = int(state[0])
+        for i, name in enumerate(_SPREAD_ROWS):
+            getattr(self, name)[slot] = state[1 + i * self.f : 1 + (i + 1) * self.f]
+
+
+_SPREAD_ROWS = ("last", "spread", "logs", "mean", "m2", "level")  # per-slot (F,) rows of SpreadDeviation
 
 
 class SeasonalDeviation:

@@ -15,6 +15,7 @@ from models.scoring import (
     LikelihoodThreshold,
     ReferenceDeviation,
     SeasonalDeviation,
+    SpreadDeviation,
     WeeklySeasonalDeviation,
     erfc,
     log_likelihood,
@@ -427,3 +428,101 @@ def test_hour_of_day_and_of_week_bins():
     assert hour_of_day(ts).tolist() == [0, 13, 23]
     assert hour_of_day(ts, weekly=True).tolist() == [0, 13, 6 * 24 + 23]
     assert hour_of_day(ts, bins=48).tolist() == [0, 27, 47]
+
+
+def _run_spread(sp: SpreadDeviation, x: np.ndarray, learn: np.ndarray | None = None) -> np.ndarray:
+    """Step one slot per column of ``x`` (T, B, F) together; returns the scores (T, B)."""
+    t_len, b = x.shape[:2]
+    sp.grow(b)
+    slots = np.arange(b)
+    out = []
+    for t in range(t_len):
+        out.append(sp.step(slots, x[t], np.ones(b, bool)))
+        sp.update(slots, np.ones(b, bool) if learn is None else learn[t])
+    return np.array(out)
+
+
+def test_spread_deviation_sees_a_noise_change_but_not_a_level_shift_nor_a_spike():
+    rng = np.random.default_rng(16)
+    n = 1200
+    base = rng.normal(0, 1.0, n)
+    noisier = base.copy()
+    noisier[800:] *= 3.0  # the noise level triples
+    quieter = base.copy()
+    quieter[800:] *= 0.2  # ... or drops
+    shifted = base.copy()
+    shifted[800:] += 10.0  # a level shift: one large increment
+    spiked = base.copy()
+    spiked[800] += 30.0  # one spike
+    x = np.stack([noisier, quieter, shifted, spiked], axis=1)[:, :, None]
+    s = _run_spread(SpreadDeviation(), x)
+    assert (s[:129] == 0).all() and (s[130] > 0).all()  # scored once the reference is set
+    assert s[150:800].max() < 4.5  # same noise: no large score
+    assert s[830:900, :2].min() > 5  # more noise, less noise
+    assert s[800:, 2].max() < 4.5 and s[800:, 3].max() < 4.5  # a level shift or one spike is not a noise change
+    # not learnt (flagged), the changed noise stays visible; learnt, the level follows it
+    learn = np.ones((n, 4), bool)
+    learn[800:] = False
+    held = _run_spread(SpreadDeviation(), x, learn)
+    assert held[-100:, :2].min() > 6
+    assert (s[-100:, :2].max(axis=0) < held[-100:, :2].min(axis=0)).all()
+
+
+def test_spread_deviation_is_causal_batched_and_restores_identically():
+    rng = np.random.default_rng(17)
+    x = rng.normal(size=(500, 3, 2)) * np.array([1.0, 3.0, 0.5])[None, :, None]
+    x[350:, 1] *= 4.0
+    learn = rng.random((500, 3)) > 0.1
+    together = _run_spread(SpreadDeviation(), x, learn)
+    for j in range(3):
+        alone = _run_spread(SpreadDeviation(), x[:, j : j + 1], learn[:, j : j + 1])
+        np.testing.assert_allclose(together[:, j], alone[:, 0], rtol=0, atol=1e-12)
+    changed = x.copy()
+    changed[300:] = 40.0  # the future does not change the past
+    np.testing.assert_array_equal(_run_spread(SpreadDeviation(), changed, learn)[:300], together[:300])
+    a = SpreadDeviation()
+    _run_spread(a, x[:250], learn[:250])
+    b = SpreadDeviation()
+    b.grow(3)
+    b.restore(2, a.export(1))  # the feature count comes with the state
+    for t in range(250, len(x)):
+        sa = a.step(np.array([1]), x[t, 1:2], np.array([True]))
+        sb = b.step(np.array([2]), x[t, 1:2], np.array([True]))
+        assert sa[0] == pytest.approx(sb[0], abs=1e-12)
+        a.update(np.array([1]), learn[t, 1:2])
+        b.update(np.array([2]), learn[t, 1:2])
+
+
+def test_likelihood_threshold_with_a_spread_member_exports_and_restores_every_member():
+    rng = np.random.default_rng(18)
+
+    def make() -> LikelihoodThreshold:
+        return LikelihoodThreshold(
+            AnomalyLikelihood(estimation_steps=20),
+            0.5,
+            ReferenceDeviation(skip_steps=5, reference_steps=20),
+            WeeklySeasonalDeviation(per_day=4, span=3),
+            SpreadDeviation(),
+        )
+
+    x = rng.normal(size=(400, 1))
+    x[300:] *= 5.0
+    bins = np.arange(400) % 28
+    a, b = make(), make()
+    a.grow(1)
+    b.grow(2)
+    one, seen = np.array([0]), np.array([True])
+    for t in range(200):
+        a.transform(one, np.abs(x[t]), x[t][None], seen, bins[t : t + 1])
+        a.update(one, np.abs(x[t]), seen)
+    b.transform(one, np.zeros(1), x[:1], np.array([False]), bins[:1])  # learn the feature counts
+    b.restore(1, a.export(0))
+    assert b.export(1) == a.export(0)
+    got_a, got_b = [], []
+    for t in range(200, 400):
+        got_a.append(a.transform(one, np.abs(x[t]), x[t][None], seen, bins[t : t + 1])[0])
+        a.update(one, np.abs(x[t]), seen)
+        got_b.append(b.transform(np.array([1]), np.abs(x[t]), x[t][None], seen, bins[t : t + 1])[0])
+        b.update(np.array([1]), np.abs(x[t]), seen)
+    np.testing.assert_allclose(got_a, got_b, rtol=0, atol=1e-12)
+    assert max(got_a[100:]) > 0.5  # the noise change is reported
