@@ -402,6 +402,9 @@ class SkabConfig:
     # A flagged step holds the reference level only of the sensors beyond the threshold (no lock-in on a
     # sensor that drifts normally during another sensor's anomaly).
     hold_features: bool = True
+    # Each member (the forecast score, each sensor's reference score) calibrated on its own: a sensor that
+    # wanders widely in the training part (a slow temperature) no longer sets every sensor's threshold.
+    per_member: bool = True
 
 
 def skab_threshold(cfg: SkabConfig, n_features: int) -> CalibratedThreshold:
@@ -425,6 +428,7 @@ def skab_threshold(cfg: SkabConfig, n_features: int) -> CalibratedThreshold:
         reference=reference if cfg.use_reference else None,
         forecast_weight=1.0 if cfg.use_forecast else 0.0,
         hold_features=cfg.hold_features,
+        per_member=cfg.per_member,
     )
 
 

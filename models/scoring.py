@@ -1042,7 +1042,14 @@ class CalibratedThreshold(Threshold):
     score is beyond the threshold, and the others keep following their input (a sensor that drifts
     normally, e.g. a temperature warming up, while another one is anomalous would otherwise be held for
     the whole anomaly and still be flagged long after it: a lock-in on a sensor that was never
-    anomalous). Memory: ``calibration_steps`` float32 per slot.
+    anomalous).
+
+    With ``per_member``, every member of the ensemble -- the forecast-error score and each feature's
+    reference score -- gets its own calibrated threshold (``margin`` x its own ``quantile``), and the
+    score is the largest *ratio* of a member to its threshold, flagged above 1: a sensor that wanders
+    widely in normal operation (a slow temperature) no longer sets the threshold of all the others,
+    and is itself judged against its own wandering. ``hold_features`` then compares each feature with
+    its own threshold. Memory: ``calibration_steps`` float32 per slot (x members with ``per_member``).
     """
 
     name = "calibrated"
@@ -1057,6 +1064,7 @@ class CalibratedThreshold(Threshold):
         reference: ReferenceDeviation | None = None,
         forecast_weight: float = 1.0,
         hold_features: bool = False,
+        per_member: bool = False,
     ) -> None:
         if calibration_steps < 1 or skip_steps < 0 or not (0.0 < quantile <= 1.0):
             raise ValueError("calibration_steps >= 1, skip_steps >= 0, 0 < quantile <= 1")
@@ -1064,17 +1072,27 @@ class CalibratedThreshold(Threshold):
         self.quantile, self.margin = quantile, margin
         self.reference, self.forecast_weight = reference, forecast_weight
         self.hold_features = hold_features
+        self.per_member = per_member
         self._flagged = np.zeros(0, bool)  # this step's flags (transform -> update of the same step)
         self.n = np.zeros(0, np.int64)
-        self.buf = np.zeros((0, calibration_steps), np.float32)
+        self.c = 0 if per_member else 1  # calibrated columns (per_member: 1 + features, once known)
+        self.buf = np.zeros((0, calibration_steps, self.c), np.float32)
+        self.col = np.zeros((0, self.c))  # per-column thresholds (per_member)
         self.value = np.zeros(0)
+
+    def _columns(self, c: int) -> None:
+        if c != self.c:
+            self.c = c
+            self.buf = np.zeros((len(self.n), self.calibration_steps, c), np.float32)
+            self.col = np.full((len(self.n), c), np.inf)
 
     def grow(self, capacity: int) -> None:
         extra = capacity - len(self.n)
         if extra <= 0:
             return
         self.n = np.concatenate([self.n, np.zeros(extra, np.int64)])
-        self.buf = np.concatenate([self.buf, np.zeros((extra, self.calibration_steps), np.float32)])
+        self.buf = np.concatenate([self.buf, np.zeros((extra, self.calibration_steps, self.c), np.float32)])
+        self.col = np.concatenate([self.col, np.full((extra, self.c), np.inf)])
         self.value = np.concatenate([self.value, np.full(extra, np.inf)])
         if self.reference is not None:
             self.reference.grow(capacity)
@@ -1082,6 +1100,7 @@ class CalibratedThreshold(Threshold):
     def reset(self, slots: np.ndarray) -> None:
         self.n[slots] = 0
         self.value[slots] = np.inf
+        self.col[slots] = np.inf
         if self.reference is not None:
             self.reference.reset(slots)
 
@@ -1092,18 +1111,32 @@ class CalibratedThreshold(Threshold):
         self, slots: np.ndarray, scores: np.ndarray, x: np.ndarray, seen: np.ndarray, context: np.ndarray | None = None
     ) -> np.ndarray:
         raw = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0) * self.forecast_weight
-        if self.reference is not None:
-            raw = np.maximum(raw, self.reference.step(slots, x, seen))
+        if self.per_member:
+            cols = raw[:, None]
+            if self.reference is not None:
+                self.reference.step(slots, x, seen)
+                cols = np.column_stack([raw, self.reference.z])
+            self._columns(cols.shape[1])
+            col = self.col[slots]
+            calibrated = np.isfinite(col).all(axis=1)
+            ratio = (cols / np.where(calibrated[:, None], np.maximum(col, 1e-12), 1.0)).max(axis=1)
+            raw = np.where(calibrated, ratio, cols.max(axis=1))  # the plain max until calibrated
+        else:
+            if self.reference is not None:
+                raw = np.maximum(raw, self.reference.step(slots, x, seen))
+            cols = raw[:, None]
         self._flagged = seen & (raw > self.value[slots])
         n = self.n[slots]
         k = n - self.skip_steps
         collect = seen & (k >= 0) & (k < self.calibration_steps)
         if collect.any():
-            self.buf[slots[collect], k[collect]] = raw[collect]
+            self.buf[slots[collect], k[collect]] = cols[collect]
         done = seen & (k == self.calibration_steps - 1)
         if done.any():
             d = slots[done]
-            self.value[d] = self.margin * np.quantile(self.buf[d].astype(np.float64), self.quantile, axis=1)
+            q = self.margin * np.quantile(self.buf[d].astype(np.float64), self.quantile, axis=1)  # (D, C)
+            self.col[d] = q
+            self.value[d] = 1.0 if self.per_member else q[:, 0]
         self.n[slots[seen]] += 1
         return raw
 
@@ -1111,24 +1144,39 @@ class CalibratedThreshold(Threshold):
         if self.reference is None:
             return
         if self.hold_features and len(self._flagged) == len(slots):
-            # flagged rows: the features below the threshold still learn
-            quiet = self.reference.z <= self.value[slots][:, None]
+            # flagged rows: the features below the threshold (their own, with per_member) still learn
+            bound = self.col[slots][:, 1:] if self.per_member else self.value[slots][:, None]
+            quiet = self.reference.z <= bound
             self.reference.update(slots, learn[:, None] | (self._flagged[:, None] & quiet))
         else:
             self.reference.update(slots, learn)
 
     def export(self, slot: int) -> list[float]:
         head = [float(self.n[slot]), float(self.value[slot])]
+        if self.per_member:
+            head += [float(self.c), *self.col[slot].tolist()]
         tail = self.reference.export(slot) if self.reference is not None else []
-        return head + self.buf[slot].astype(np.float64).tolist() + tail
+        return head + self.buf[slot].astype(np.float64).ravel().tolist() + tail
 
     def restore(self, slot: int, state: list[float]) -> None:
-        if len(state) < 2 + self.calibration_steps:
+        if self.per_member:
+            if len(state) < 3:
+                return
+            c = int(state[2])
+            if c < 1 or len(state) < 3 + c + self.calibration_steps * c:
+                return
+            self._columns(c)
+            self.col[slot] = state[3 : 3 + c]
+            o = 3 + c
+        else:
+            o = 2
+        m = self.calibration_steps * self.c
+        if len(state) < o + m:
             return
         self.n[slot], self.value[slot] = int(state[0]), state[1]
-        self.buf[slot] = state[2 : 2 + self.calibration_steps]
+        self.buf[slot] = np.asarray(state[o : o + m]).reshape(self.calibration_steps, self.c)
         if self.reference is not None:
-            self.reference.restore(slot, state[2 + self.calibration_steps :])
+            self.reference.restore(slot, state[o + m :])
 
 
 def make_threshold(method: str, *, value: float, quantile: float, margin: float, likelihood: float = 0.5) -> Threshold:

@@ -526,3 +526,78 @@ def test_likelihood_threshold_with_a_spread_member_exports_and_restores_every_me
         b.update(np.array([1]), np.abs(x[t]), seen)
     np.testing.assert_allclose(got_a, got_b, rtol=0, atol=1e-12)
     assert max(got_a[100:]) > 0.5  # the noise change is reported
+
+
+def _run_calibrated(thr: CalibratedThreshold, x: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Step one slot per column of ``x`` (T, B, F) / ``raw`` (T, B) together, flagged steps not learnt;
+    returns the reported scores and the flags (T, B)."""
+    t_len, b = raw.shape
+    thr.grow(b)
+    slots = np.arange(b)
+    scores, flags = [], []
+    for t in range(t_len):
+        value = thr.values(slots)
+        s = thr.transform(slots, raw[t], x[t], np.ones(b, bool))
+        f = s > value
+        thr.update(slots, raw[t], ~f)
+        scores.append(s)
+        flags.append(f)
+    return np.array(scores), np.array(flags)
+
+
+def _wandering(seed: int, n: int = 900) -> tuple[np.ndarray, np.ndarray]:
+    """Feature 0 wanders widely (a slow swing, also in the calibration); feature 1 is quiet until a
+    moderate shift at 600..750."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    x = rng.normal(0, 0.3, (n, 1, 2))
+    x[:, 0, 0] += 6.0 * np.sin(2 * np.pi * t / 200.0)
+    x[600:750, 0, 1] += 0.5
+    return x, np.abs(rng.normal(size=(n, 1)))
+
+
+def _calibrated(per_member: bool) -> CalibratedThreshold:
+    ref = ReferenceDeviation(span=10, skip_steps=10, reference_steps=100, halflife_steps=50)
+    return CalibratedThreshold(
+        skip_steps=110, calibration_steps=250, reference=ref, hold_features=True, per_member=per_member
+    )
+
+
+def test_per_member_thresholds_keep_a_wandering_sensor_from_hiding_a_quiet_one():
+    x, raw = _wandering(19)
+    _, shared = _run_calibrated(_calibrated(False), x, raw)
+    score, own = _run_calibrated(_calibrated(True), x, raw)
+    assert shared[620:740, 0].mean() < 0.4  # the wandering feature set a threshold the shift is mostly under
+    assert own[620:740, 0].mean() > 0.85  # against its own threshold, the quiet feature's shift is flagged
+    assert own[360:600, 0].mean() < 0.05 and own[780:, 0].mean() < 0.05  # the swing alone is not
+    thr = _calibrated(True)
+    _run_calibrated(thr, x[:400], raw[:400])
+    assert thr.values(np.array([0]))[0] == 1.0 and thr.col.shape == (1, 3)  # forecast + 2 features
+    assert thr.col[0, 1] > thr.col[0, 2]  # the wandering feature has the wider threshold
+    assert score[360:, 0].max() > 1.0
+
+
+def test_per_member_thresholds_are_causal_batched_and_restore_identically():
+    xs, raws = zip(*(_wandering(20 + j) for j in range(3)), strict=True)
+    x, raw = np.concatenate(xs, axis=1), np.concatenate(raws, axis=1)
+    together, _ = _run_calibrated(_calibrated(True), x, raw)
+    for j in range(3):
+        alone, _ = _run_calibrated(_calibrated(True), x[:, j : j + 1], raw[:, j : j + 1])
+        np.testing.assert_allclose(together[:, j], alone[:, 0], rtol=0, atol=1e-12)
+    changed = x.copy()
+    changed[500:] = 40.0  # the future does not change the past
+    np.testing.assert_array_equal(_run_calibrated(_calibrated(True), changed, raw)[0][:500], together[:500])
+    a = _calibrated(True)
+    _run_calibrated(a, x[:450, :1], raw[:450, :1])
+    b = _calibrated(True)
+    b.grow(2)
+    b.reference.step(np.array([1]), x[0, :1], np.array([False]))  # learn the feature count
+    b.restore(1, a.export(0))
+    assert b.export(1) == a.export(0)
+    for t in range(450, len(x)):
+        sa = a.transform(np.array([0]), raw[t, :1], x[t, :1], np.array([True]))
+        sb = b.transform(np.array([1]), raw[t, :1], x[t, :1], np.array([True]))
+        assert sa[0] == pytest.approx(sb[0], abs=1e-12)
+        fa = sa > a.values(np.array([0]))
+        a.update(np.array([0]), raw[t, :1], ~fa)
+        b.update(np.array([1]), raw[t, :1], ~fa)
