@@ -194,8 +194,10 @@ class Processor:
             chunk = known[start : start + _CHECKPOINT_CHUNK]
             history, count = self.history.get(np.fromiter((d.row for _, d in chunk), np.int64, len(chunk)))
             history, count = history.astype(np.float32), count.tolist()
+            fresh = [dev for dev, d in chunk if not d.stale]
+            states = dict(zip(fresh, self.detector.export_many(fresh), strict=True))
             for i, (dev, d) in enumerate(chunk):
-                state = None if d.stale else self.detector.export(dev)
+                state = states.get(dev)  # None: a stale state is re-warmed on restore, not checkpointed
                 cp = _Checkpoint(d.partition, d.last_offset, d.window, state, history[i, : count[i]].tobytes())
                 out[dev] = (d.partition, _enc.encode(cp))
         return out

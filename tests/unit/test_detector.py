@@ -466,3 +466,26 @@ def test_make_threshold():
     assert adaptive.floor == 4.5 and adaptive.quantile == 0.99 and adaptive.margin == 1.5
     with pytest.raises(ValueError):
         make_threshold("magic", value=6.0, quantile=0.99, margin=1.5)
+
+
+def test_export_many_gathers_each_devices_own_state() -> None:
+    from models.detector import _dec
+
+    det = make_detector(make_artifact())
+    rng = np.random.default_rng(3)
+    ids = [f"d{i}" for i in range(7)]
+    slots = np.array([det.slot(d) for d in ids])
+    for _ in range(4):
+        det.step(slots, rng.normal(size=(len(ids), det.n_features)) + det.artifact.normaliser.mean)
+    order = ids[::-1]
+    blobs = det.export_many(order)
+    assert len(blobs) == len(order) and det.export_many([]) == []
+    for dev, blob in zip(order, blobs, strict=True):
+        s = det.slots[dev]
+        e = _dec.decode(blob)
+        assert e.version == det.version
+        assert e.state == [t[:, s].cpu().numpy().tobytes() for t in det.state]
+        assert e.forecast == det.forecast[s].tobytes()
+        assert (e.age, e.err_count) == (int(det.age[s]), int(det.stats.count[s]))
+        assert e.err_mean == det.stats.mean[s].tolist() and e.err_var == det.stats.var[s].tolist()
+        assert blob == det.export(dev)
