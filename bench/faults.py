@@ -119,7 +119,7 @@ class FaultConfig:
     settle_timeout_s: float = 120.0
     ready_timeout_s: float = 60.0
     rss_growth_bound_mib: float = 64.0  # worker RSS growth allowed during the outage
-    receiver_down_s: float = 30.0  # alert_receiver_down
+    receiver_down_s: float = 60.0  # alert_receiver_down
     # Retry policy of the alert receiver (routes-file keys: max_attempts, base_delay_s, max_delay_s, budget_s,
     # circuit_open_s); empty = the IOTAD_ALERT_RETRY_* settings.
     receiver_policy: dict[str, float] = field(default_factory=dict)

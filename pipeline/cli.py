@@ -330,7 +330,7 @@ def bench_faults(
     scenarios: Annotated[
         str, typer.Option(help="Comma-separated: kill,rebalance,influx_outage,model_swap,alert_receiver_down")
     ] = "kill,rebalance,influx_outage,model_swap,alert_receiver_down",
-    receiver_down_s: Annotated[float, typer.Option(help="Seconds the alert receiver is down")] = 30.0,
+    receiver_down_s: Annotated[float, typer.Option(help="Seconds the alert receiver is down")] = 60.0,
     devices: Annotated[int, typer.Option(help="Simulated fleet size")] = 24,
     rate: Annotated[float, typer.Option(help="Fleet steps per second (readings/s = devices x rate)")] = 4.0,
     stream_s: Annotated[float, typer.Option(help="Load duration of kill, rebalance and model_swap")] = 40.0,
