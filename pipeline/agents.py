@@ -67,6 +67,7 @@ class ScoringService:
         self.group_of = device_grouper(s.device_group_pattern)
         self._partitions: dict[str, list[int]] = {}
         self._partitioner = DefaultPartitioner()
+        self._partition_of: dict[str, dict[bytes, int]] = {}  # topic -> key -> partition (scores: device ids)
         self._next_champion: Detector | None = None
         self._next_shadow: tuple[Detector | None] | None = None  # (None,) = stop the shadow
         self.readings_topic = comp.readings.get_topic_name()
@@ -291,9 +292,14 @@ class ScoringService:
         """Keyed records as record batches, each to the partition every Kafka client's default partitioner
         (murmur2 of the key) would choose."""
         parts = await self._topic_partitions(topic)
+        # murmur2 in pure Python costs ~1.6 us a key; a device's partition never changes.
+        cache = self._partition_of.setdefault(topic, {})
         by_partition: dict[int, list[Record]] = {}
         for key, value in records:
-            by_partition.setdefault(self._partitioner(key, parts, parts), []).append((key, value, []))
+            partition = cache.get(key)
+            if partition is None:
+                partition = cache[key] = self._partitioner(key, parts, parts)
+            by_partition.setdefault(partition, []).append((key, value, []))
         return await send_batches(self._aio(), topic, by_partition)
 
     async def _watch_drift(self, res: BatchResult) -> None:
