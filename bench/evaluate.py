@@ -24,15 +24,13 @@ from bench import skab as skabdata
 from models.artifact import Artifact, Normaliser, load_artifact
 from models.detector import Detector
 from models.scoring import (
-    AnomalyLikelihood,
     CalibratedThreshold,
+    EnsembleConfig,
     LikelihoodThreshold,
     ReferenceDeviation,
     ScoringConfig,
-    SeasonalDeviation,
-    SpreadDeviation,
-    Threshold,
-    WeeklySeasonalDeviation,
+    ensemble_threshold,
+    seasonal_bin,
 )
 from models.training import TrainConfig, save_trained, train
 
@@ -83,36 +81,11 @@ class NabConfig:
     halflife_steps: float = 200.0
     burnin_steps: int = 5
     learn_from_anomalies: bool = False
-    window: int = 10
-    estimation_steps: int = 100
-    history_steps: int = 8640
-    min_std: float = 0.05
-    cap: float | None = None
-    spatial_tolerance: float | None = 0.05
-    suppress: bool = True
-    # Red (or spatial) steps within ``window`` steps of the previous one are repeats of the same event
-    # (they share raw scores in the moving average): reported as yellow.
-    suppress_steps: int | None = None  # None: ``window``
-    learn_red: bool = True
-    scale: str = "tail"
-    flag_value: float = 0.5
-    reference: bool = True  # ensemble with a ReferenceDeviation of the (prefix-normalised) value
-    reference_span: float = 10.0
-    reference_steps: int = 100
-    reference_halflife: float = 200.0
     # Per-file likelihood probation from the file's prefix (Numenta's split of NAB's probationary period:
     # the first half is learning, the second estimates the distribution); else ``estimation_steps`` for all.
     prefix_probation: bool = True
-    # Ensemble with a SeasonalDeviation: the value vs the file's own hour-of-day profile (the context bin
-    # comes from the row's timestamp; it is an input, never scored itself).
-    seasonal: bool = True
-    seasonal_bins: int = 24
-    # Hour-of-week profiles where a bin has been seen for 3 weeks, hour-of-day before (WeeklySeasonalDeviation).
-    weekly: bool = True
-    # Ensemble with a SpreadDeviation: a change of the noise level (log-spread of the increments, 30-step
-    # EWMA, spikes clipped at 3x the spread) vs its prefix reference, which neither the level nor the
-    # one-step error shows for long (a metric that starts to oscillate, usual spikes that stop).
-    spread: bool = True
+    # The threshold: the likelihood ensemble that ``IOTAD_THRESHOLD_METHOD=ensemble`` gives the live worker.
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
 
 @dataclass
@@ -188,48 +161,11 @@ def prefix_normaliser(prefix: np.ndarray) -> Normaliser:
     return Normaliser(mean, np.maximum(std, floor))
 
 
-def nab_threshold(cfg: NabConfig) -> Threshold:
-    lik = AnomalyLikelihood(
-        window=cfg.window,
-        estimation_steps=cfg.estimation_steps,
-        history_steps=cfg.history_steps,
-        min_std=cfg.min_std,
-        cap=cfg.cap,
-        suppress=cfg.suppress,
-        suppress_steps=cfg.window if cfg.suppress_steps is None else cfg.suppress_steps,
-        spatial_tolerance=cfg.spatial_tolerance,
-        learn_red=cfg.learn_red,
-        scale=cfg.scale,
-    )
-    ref = (
-        ReferenceDeviation(
-            span=cfg.reference_span,
-            skip_steps=20,
-            reference_steps=cfg.reference_steps,
-            halflife_steps=cfg.reference_halflife,
-        )
-        if cfg.reference
-        else None
-    )
-    seasonal: SeasonalDeviation | WeeklySeasonalDeviation | None = None
-    if cfg.seasonal and cfg.weekly:
-        seasonal = WeeklySeasonalDeviation(per_day=cfg.seasonal_bins, span=cfg.reference_span)
-    elif cfg.seasonal:
-        seasonal = SeasonalDeviation(bins=cfg.seasonal_bins, span=cfg.reference_span)
-    # warm-up 30 + reference 100 seen steps: set within the shortest NAB prefix (186 rows; seen from row 36)
-    spread = SpreadDeviation(span=30, skip_steps=30, reference_steps=100) if cfg.spread else None
-    return LikelihoodThreshold(lik, cfg.flag_value, ref, seasonal, spread)
-
-
 def hour_of_day(timestamps: Sequence[str], bins: int = 24, weekly: bool = False) -> np.ndarray:
-    """The seasonal bin of each timestamp: its time of day in ``bins`` equal parts (24: the hour), or with
-    ``weekly`` its time of the week in ``7 x bins`` parts (0: Monday's first)."""
+    """The seasonal bin of each timestamp (:func:`models.scoring.seasonal_bin`): its time of day in
+    ``bins`` equal parts (24: the hour), or with ``weekly`` its time of the week in ``7 x bins`` parts."""
     t = np.array([ts.strip().replace(" ", "T") for ts in timestamps], dtype="datetime64[s]").astype(np.int64)
-    day = (t % 86400) * bins // 86400
-    if not weekly:
-        return day.astype(np.int64)
-    weekday = (t // 86400 + 3) % 7  # 1970-01-01 was a Thursday
-    return (weekday * bins + day).astype(np.int64)
+    return seasonal_bin(t, bins, weekly)
 
 
 def set_prefix_probation(det: Detector, names: Sequence[str], prefixes: Sequence[int], cfg: NabConfig) -> None:
@@ -302,10 +238,11 @@ def run_nab(
         learn_from_anomalies=cfg.learn_from_anomalies,
         burnin_steps=cfg.burnin_steps,
     )
-    det = Detector(artifact, scoring, nab_threshold(cfg), device="cpu", capacity=len(series))
+    det = Detector(artifact, scoring, ensemble_threshold(cfg.ensemble), device="cpu", capacity=len(series))
     if cfg.prefix_probation:
         set_prefix_probation(det, [s.name for s in series], [s.probation for s in series], cfg)
-    context = [hour_of_day(s.timestamps, cfg.seasonal_bins, cfg.weekly) for s in series] if cfg.seasonal else None
+    ens = cfg.ensemble
+    context = [hour_of_day(s.timestamps, ens.seasonal_bins, ens.weekly) for s in series] if ens.seasonal else None
     streamed = stream(det, z, [s.name for s in series], context)
     log(f"streamed {streamed.steps} batched steps in {streamed.seconds:.1f}s")
     scores = [np.nan_to_num(sc, nan=0.0) for sc in streamed.score]

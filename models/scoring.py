@@ -124,6 +124,10 @@ class Threshold(abc.ABC):
         """
         return scores
 
+    def context_of(self, ts_ms: np.ndarray) -> np.ndarray | None:
+        """The ``context`` :meth:`transform` wants for steps stamped ``ts_ms`` (epoch ms); None: none."""
+        return None
+
     def grow(self, capacity: int) -> None:  # noqa: B027 - stateless thresholds need nothing
         """Make room for ``capacity`` slots."""
 
@@ -500,6 +504,9 @@ class LikelihoodThreshold(Threshold):
         self.reference = reference  # optional ensemble: raw = max(raw, reference deviation of the inputs)
         self.seasonal = seasonal  # optional ensemble: raw = max(raw, seasonal deviation of the inputs)
         self.spread = spread  # optional ensemble: raw = max(raw, change of the inputs' noise level)
+
+    def context_of(self, ts_ms: np.ndarray) -> np.ndarray | None:
+        return None if self.seasonal is None else self.seasonal.context_of(ts_ms)
 
     def grow(self, capacity: int) -> None:
         self.likelihood.grow(capacity)
@@ -885,6 +892,10 @@ class SeasonalDeviation:
             self.profile = np.zeros((c, self.bins, f))
             self.bin_var = np.zeros((c, self.bins, f))
 
+    def context_of(self, ts_ms: np.ndarray) -> np.ndarray:
+        """Time-of-day bins (UTC) of steps stamped ``ts_ms``."""
+        return seasonal_bin(np.asarray(ts_ms, np.int64) // 1000, self.bins, weekly=False)
+
     def grow(self, capacity: int) -> None:
         extra = capacity - self.capacity
         if extra <= 0:
@@ -1000,6 +1011,10 @@ class WeeklySeasonalDeviation:
         self.per_day = per_day
         self.weekly = SeasonalDeviation(bins=7 * per_day, **kwargs)  # type: ignore[arg-type]
         self.daily = SeasonalDeviation(bins=per_day, **kwargs)  # type: ignore[arg-type]
+
+    def context_of(self, ts_ms: np.ndarray) -> np.ndarray:
+        """Hour-of-week bins (UTC) of steps stamped ``ts_ms``."""
+        return seasonal_bin(np.asarray(ts_ms, np.int64) // 1000, self.per_day, weekly=True)
 
     def grow(self, capacity: int) -> None:
         self.weekly.grow(capacity)
@@ -1179,13 +1194,97 @@ class CalibratedThreshold(Threshold):
             self.reference.restore(slot, state[o + m :])
 
 
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """The likelihood ensemble: the forecaster's error z together (max) with a reference deviation of the
+    inputs, a seasonal (hour-of-day/-week) deviation and a noise-level change, turned into an HTM-style
+    anomaly likelihood. ``IOTAD_THRESHOLD_METHOD=ensemble`` in the worker and ``iotad evaluate nab`` build
+    it from here. The likelihood parameters follow Numenta's HTM detector (moving average of 10, Gaussian
+    tail, red/yellow suppression, log scaling, 5 % spatial tolerance)."""
+
+    window: int = 10
+    estimation_steps: int = 100
+    history_steps: int = 8640
+    min_std: float = 0.05
+    cap: float | None = None
+    spatial_tolerance: float | None = 0.05
+    suppress: bool = True
+    # Red (or spatial) steps within ``window`` steps of the previous one are repeats of the same event
+    # (they share raw scores in the moving average): reported as yellow.
+    suppress_steps: int | None = None  # None: ``window``
+    learn_red: bool = True
+    scale: str = "tail"
+    flag_value: float = 0.5
+    reference: bool = True  # ensemble with a ReferenceDeviation of the (prefix-normalised) value
+    reference_span: float = 10.0
+    reference_steps: int = 100
+    reference_halflife: float = 200.0
+    # Ensemble with a SeasonalDeviation: the value vs the file's own hour-of-day profile (the context bin
+    # comes from the row's timestamp; it is an input, never scored itself).
+    seasonal: bool = True
+    seasonal_bins: int = 24
+    # Hour-of-week profiles where a bin has been seen for 3 weeks, hour-of-day before (WeeklySeasonalDeviation).
+    weekly: bool = True
+    # Ensemble with a SpreadDeviation: a change of the noise level (log-spread of the increments, 30-step
+    # EWMA, spikes clipped at 3x the spread) vs its prefix reference, which neither the level nor the
+    # one-step error shows for long (a metric that starts to oscillate, usual spikes that stop).
+    spread: bool = True
+
+
+def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThreshold:
+    lik = AnomalyLikelihood(
+        window=cfg.window,
+        estimation_steps=cfg.estimation_steps,
+        history_steps=cfg.history_steps,
+        min_std=cfg.min_std,
+        cap=cfg.cap,
+        suppress=cfg.suppress,
+        suppress_steps=cfg.window if cfg.suppress_steps is None else cfg.suppress_steps,
+        spatial_tolerance=cfg.spatial_tolerance,
+        learn_red=cfg.learn_red,
+        scale=cfg.scale,
+    )
+    ref = (
+        ReferenceDeviation(
+            span=cfg.reference_span,
+            skip_steps=20,
+            reference_steps=cfg.reference_steps,
+            halflife_steps=cfg.reference_halflife,
+        )
+        if cfg.reference
+        else None
+    )
+    seasonal: SeasonalDeviation | WeeklySeasonalDeviation | None = None
+    if cfg.seasonal and cfg.weekly:
+        seasonal = WeeklySeasonalDeviation(per_day=cfg.seasonal_bins, span=cfg.reference_span)
+    elif cfg.seasonal:
+        seasonal = SeasonalDeviation(bins=cfg.seasonal_bins, span=cfg.reference_span)
+    # warm-up 30 + reference 100 seen steps: set within the shortest NAB prefix (186 rows; seen from row 36)
+    spread = SpreadDeviation(span=30, skip_steps=30, reference_steps=100) if cfg.spread else None
+    return LikelihoodThreshold(lik, cfg.flag_value, ref, seasonal, spread)
+
+
+def seasonal_bin(ts_s: np.ndarray, bins: int = 24, weekly: bool = True) -> np.ndarray:
+    """The context bin of each UTC timestamp (seconds, int): its time of day in ``bins`` equal parts
+    (24: the hour), or with ``weekly`` its time of the week in ``7 x bins`` parts (0: Monday's first)."""
+    t = np.asarray(ts_s, np.int64)
+    day = (t % 86400) * bins // 86400
+    if not weekly:
+        return day
+    weekday = (t // 86400 + 3) % 7  # 1970-01-01 was a Thursday
+    return weekday * bins + day
+
+
 def make_threshold(method: str, *, value: float, quantile: float, margin: float, likelihood: float = 0.5) -> Threshold:
-    """``static`` (``value``), ``adaptive`` (floor ``0.75 * value``) or ``likelihood`` (bound on the
-    log-scaled anomaly likelihood, default 0.5, i.e. a tail probability of about 1e-5)."""
+    """``static`` (``value``), ``adaptive`` (floor ``0.75 * value``), ``likelihood`` (bound on the
+    log-scaled anomaly likelihood, default 0.5, i.e. a tail probability of about 1e-5) or ``ensemble``
+    (:class:`EnsembleConfig`'s likelihood ensemble with that bound; it uses each step's hour-of-week)."""
     if method == "static":
         return StaticThreshold(value)
     if method == "adaptive":
         return AdaptiveThreshold(quantile=quantile, margin=margin, floor=value * 0.75)
     if method == "likelihood":
         return LikelihoodThreshold(AnomalyLikelihood(), likelihood)
-    raise ValueError(f"unknown threshold method {method!r} (static, adaptive, likelihood)")
+    if method == "ensemble":
+        return ensemble_threshold(EnsembleConfig(flag_value=likelihood))
+    raise ValueError(f"unknown threshold method {method!r} (static, adaptive, likelihood, ensemble)")

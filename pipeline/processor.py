@@ -325,7 +325,8 @@ class Processor:
     ) -> list[ScoreRecord]:
         if resets.any():
             detector.reset(slots[resets])
-        out = detector.step(slots, x, observed)
+        context = detector.threshold.context_of(np.fromiter((st.ts_ms for st in wave), np.int64, len(wave)))
+        out = detector.step(slots, x, observed, context)
         version, sensors = detector.version, self.sensors
         ok, warming = Status.OK, Status.WARMING_UP
         # Whole columns to Python objects at once (indexing numpy arrays per row costs far more); a NaN

@@ -65,10 +65,15 @@ class Settings(BaseSettings):
         1, ge=1, description="torch CPU threads per process (scale with worker processes, one per core)"
     )
     warmup_steps: int = Field(30, description="Steps a device is 'warming_up' before it can be flagged")
-    threshold_method: Literal["static", "adaptive", "likelihood"] = Field("static", description="Thresholding method")
+    threshold_method: Literal["static", "adaptive", "likelihood", "ensemble"] = Field(
+        "static",
+        description="Thresholding method (ensemble: the likelihood ensemble of `iotad evaluate nab`, "
+        "with hour-of-week profiles)",
+    )
     threshold: float = Field(5.0, description="Static threshold on the normalised score")
     likelihood_threshold: float = Field(
-        0.5, description="likelihood method: bound on the log anomaly likelihood (0.5 = tail probability 1e-5)"
+        0.5,
+        description="likelihood/ensemble methods: bound on the log anomaly likelihood (0.5 = tail probability 1e-5)",
     )
     adaptive_quantile: float = Field(0.999, description="Quantile tracked by the adaptive threshold")
     adaptive_margin: float = Field(1.5, description="Adaptive threshold = margin x tracked quantile")

@@ -12,7 +12,7 @@ import torch
 from models.artifact import Artifact, Normaliser
 from models.detector import Detector
 from models.forecaster import Forecaster, ForecasterConfig
-from models.scoring import AdaptiveThreshold, ScoringConfig, Status
+from models.scoring import AdaptiveThreshold, ScoringConfig, Status, make_threshold, seasonal_bin
 from pipeline.processor import BatchResult, Inbound, Processor
 from pipeline.records import ScoreRecord
 from pipeline.schema import Limits, Reason, encode_envelope, encode_reading
@@ -559,3 +559,29 @@ def test_history_ring_behaves_like_a_bounded_deque_per_device(steps):
         history, count = ring.get(np.array(rows))
         for i, r in enumerate(rows):
             assert [tuple(v) for v in history[i, : count[i]].tolist()] == list(ref[r])
+
+
+def test_ensemble_threshold_gets_each_steps_hour_of_week(artifact):
+    """IOTAD_THRESHOLD_METHOD=ensemble: the worker hands the detector the hour of the week (UTC) of each
+    step's timestamp, as the evaluation harness does from its rows' timestamps."""
+    scoring = ScoringConfig(warmup_steps=WARMUP, halflife_steps=20.0, burnin_steps=BURNIN)
+    det = Detector(artifact, scoring, make_threshold("ensemble", value=5, quantile=0.99, margin=1.5), capacity=8)
+    seen: list[int] = []
+    step = det.step
+
+    def spy(slots, x, observed=None, context=None):
+        seen.extend(context.tolist())
+        return step(slots, x, observed, context)
+
+    det.step = spy  # type: ignore[method-assign]
+    proc = Processor(det, WINDOW, LIMITS)
+    fleet = Fleet(3)
+    hour = 3_600_000
+    scores: list[ScoreRecord] = []
+    for t in (0, 1):
+        # the second batch is stamped 30 hours later: another hour and another day of the week
+        batch = [fleet.reading(d, t, offset_ms=t * 30 * hour) for d in fleet.devices]
+        scores += proc.process(batch, now_ms=T0 + t * 30 * hour + t * STEP).scores
+    expected = [seasonal_bin(np.array([r.ts_ms // 1000]), 24, weekly=True)[0] for r in scores]
+    assert seen == expected
+    assert len(set(expected)) == 2
