@@ -259,6 +259,9 @@ bind-address = "{LOOPBACK}:{self.rpc_port}"
   dir = "{d / "data"}"
   wal-dir = "{d / "wal"}"
   query-log-enabled = false
+  # 1.x refuses new tag values past 100,000 per tag by default: a fleet of 100,000 devices hits it.
+  max-values-per-tag = 0
+  max-series-per-database = 0
 
 [monitor]
   store-enabled = false

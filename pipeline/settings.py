@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     max_future_skew_ms: int = Field(300_000, description="Readings further in the future are rejected")
     min_timestamp_ms: int = Field(946_684_800_000, description="Readings older than this are rejected")
 
+    kafka_fetch_max_wait_ms: int = Field(
+        500, ge=1, description="Longest the broker may hold the worker's fetch when no data is waiting"
+    )
+
     # Batching
     batch_max: int = Field(2000, description="Most messages in one micro-batch")
     batch_within_s: float = Field(0.02, description="Longest wait to fill a micro-batch")

@@ -7,6 +7,7 @@ the dead-letter topic and InfluxDB, and the worker's Prometheus endpoint is scra
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -161,3 +162,36 @@ def test_worker_killed_mid_stream_resumes_state_exactly(tmp_path: Path) -> None:
             if r.score is not None:
                 worst = max(worst, abs(x["score"] - r.score))
     assert worst < 1e-4
+
+
+def test_points_influxdb_refuses_are_dead_lettered_and_scoring_goes_on(tmp_path: Path) -> None:
+    """A field type conflict makes InfluxDB refuse every score point for good (400, no retry can help): each
+    one goes to the DLQ with InfluxDB's reason, and the worker keeps scoring instead of crash-looping."""
+    s = _settings(tmp_path, "rejected")
+    sim = FleetSimulator(4, seed=5, step_ms=s.step_ms, anomaly_count=0)
+    with PipelineStack(s) as stack:
+        # `threshold` as a string in the shard the scores fall into: every float `threshold` after it conflicts.
+        now_ms = int(time.time() * 1000)
+        body = f'{s.influx_measurement},device=squatter threshold="text" {now_ms}'.encode()
+        url = f"{stack.influx_url}/write?db={s.influx_database}&precision=ms"
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=10) as r:
+            assert r.status == 204
+        producer = make_producer(stack.bootstrap)
+        stats = run_simulation(producer, s.readings_topic, sim, steps=30, end_at_now=True)
+        producer.close()
+        scored = _wait_for(stack, "iotad_readings_scored_total", stats.readings_sent)
+        scores = _scores(read_all(stack.bootstrap, s.scores_topic, min_records=stats.readings_sent))
+        dlq = read_all(stack.bootstrap, s.dlq_topic, min_records=stats.readings_sent)
+        points = count_points(stack.influx_url, s.influx_database, s.influx_measurement, field="score")
+        rejected_metric = stack.procs[0].metric("iotad_dead_letters_total")
+
+    assert scored == stats.readings_sent
+    assert len({(x["device_id"], x["ts"]) for x in scores}) == stats.readings_sent
+    assert points == 0
+    assert len(dlq) == stats.readings_sent == rejected_metric
+    assert {r.headers["iotad-reason"] for r in dlq} == {b"influx_rejected"}
+    assert all(b"field type conflict" in r.headers["iotad-detail"] for r in dlq)
+    # The original line protocol, so the points can be re-written once the conflict is resolved.
+    lines = sorted(r.value.decode() for r in dlq)
+    assert all(line.startswith(f"{s.influx_measurement},") for line in lines)
+    assert {line.split("device=")[1].split(",")[0] for line in lines} == set(sim.device_ids)
