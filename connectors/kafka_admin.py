@@ -118,20 +118,26 @@ def make_producer(bootstrap: str, *, security: KafkaSecurity | None = None, **ov
     return KafkaProducer(**config)
 
 
-def end_offsets(bootstrap: str, topic: str, *, security: KafkaSecurity | None = None) -> dict[int, int]:
-    """Each partition's end offset (where the next message will go).
-
-    Tansu 0.6 reports the base offset of a partition's last record batch + 1 instead, so there it can be
-    lower: reading from it may return some earlier messages as well.
-    """
-    consumer = KafkaConsumer(
+def _reader(bootstrap: str, security: KafkaSecurity | None, **overrides: Any) -> KafkaConsumer:
+    """A consumer outside any group (manual assignment, nothing committed, no topic auto-created)."""
+    return KafkaConsumer(
         bootstrap_servers=bootstrap,
         client_id="iotad-reader",
         group_id=None,
         enable_auto_commit=False,
         allow_auto_create_topics=False,
         **security_for(bootstrap, security).kafka_python(),
+        **overrides,
     )
+
+
+def end_offsets(bootstrap: str, topic: str, *, security: KafkaSecurity | None = None) -> dict[int, int]:
+    """Each partition's end offset (where the next message will go).
+
+    Tansu 0.6 reports the base offset of a partition's last record batch + 1 instead, so there it can be
+    lower: reading from it may return some earlier messages as well.
+    """
+    consumer = _reader(bootstrap, security)
     try:
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         return {tp.partition: offset for tp, offset in consumer.end_offsets(tps).items()}
@@ -157,16 +163,7 @@ def read_all(
     asserts). A topic that does not exist yet is waited for, not auto-created.
     """
     deadline = time.monotonic() + timeout_s
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        client_id="iotad-reader",
-        group_id=None,
-        enable_auto_commit=False,
-        allow_auto_create_topics=False,
-        auto_offset_reset="earliest",
-        bootstrap_timeout_ms=int(timeout_s * 1000),
-        **security_for(bootstrap, security).kafka_python(),
-    )
+    consumer = _reader(bootstrap, security, auto_offset_reset="earliest", bootstrap_timeout_ms=int(timeout_s * 1000))
     records: list[Record] = []
     try:
         partitions = consumer.partitions_for_topic(topic)
