@@ -8,8 +8,9 @@ For each fleet size N (``iotad bench throughput --devices 100,10000 --json``):
    its first consumed message to its last score (metrics polled every 0.1 s).
 3. Ceiling: bench.lean does the same work (decode, validate, window, batched step, InfluxDB, scores,
    checkpoints) on the same broker and backlog with aiokafka and no Faust.
-4. Latency (single-reading runs): a paced run (one reading per device per second, as many devices as
-   half the Faust rate) measures reading timestamp -> score emitted (after its InfluxDB write), p50/p99.
+4. Latency (single-reading runs): a paced run (one reading per device per step, on the step's grid
+   point, as many devices as make half the Faust rate; ``step_ms`` 1000 by default) measures reading
+   timestamp -> score emitted (after its InfluxDB write), p50/p99.
 5. The batched model step alone (B = min(N, 8192)) vs one call per reading.
 
 The last line of stdout (with ``--json``) is one JSON object: the largest fleet's figures at top level
@@ -90,7 +91,8 @@ def _latency(stack: PipelineStack, settings: Settings, n_devices: int, seconds: 
     producer = make_producer(stack.bootstrap, acks=1, linger_ms=5)
     # Only the scores after the backlog's: re-reading 100,000s of backlog scores per poll never caught up.
     start = end_offsets(stack.bootstrap, settings.scores_topic)
-    stats = run_simulation(producer, topic, sim, steps=seconds, rate_steps_per_s=1000 / settings.step_ms)
+    steps = seconds * 1000 // settings.step_ms
+    stats = run_simulation(producer, topic, sim, steps=steps, rate_steps_per_s=1000 / settings.step_ms)
     producer.close()
     lat = []
     deadline = time.monotonic() + 60
@@ -144,7 +146,7 @@ def _step_rates(settings: Settings, batch: int) -> tuple[float, float, float]:
     return batched, single, per_device
 
 
-def bench_fleet(n_devices: int, readings: int, envelope: int, base: Path) -> dict[str, Any]:
+def bench_fleet(n_devices: int, readings: int, envelope: int, base: Path, step_ms: int = 1000) -> dict[str, Any]:
     steps = max(2 * envelope, -(-readings // n_devices) // envelope * envelope)
     name = f"bench{n_devices}e{envelope}"
     settings = Settings(
@@ -154,7 +156,7 @@ def bench_fleet(n_devices: int, readings: int, envelope: int, base: Path) -> dic
         data_dir=base,
         partitions=4,
         warmup_steps=5,
-        step_ms=1000,
+        step_ms=step_ms,
         max_gap_steps=10,
     )
     with PipelineStack(settings, workers=0) as stack:
@@ -172,7 +174,9 @@ def bench_fleet(n_devices: int, readings: int, envelope: int, base: Path) -> dic
         ceiling = asyncio.run(run_lean(lean_settings, settings.readings_topic, total))
         # Latency is paced single readings at half the single-reading rate: with envelopes, half the envelope
         # rate in single readings would overload the worker, and an envelope's readings wait for it anyway.
-        lat_devices = max(10, min(n_devices, int(faust_rate * 0.5))) if envelope == 1 else 0
+        # Each latency device sends one reading per step, all on the step's grid point (a synchronised fleet).
+        per_device = 1000 / step_ms
+        lat_devices = max(10, min(n_devices, int(faust_rate * 0.5 / per_device))) if envelope == 1 else 0
         latency: dict[str, Any] = {"p50_ms": None, "p99_ms": None}
         if lat_devices:
             latency = _latency(stack, settings, lat_devices, seconds=10)
@@ -181,6 +185,7 @@ def bench_fleet(n_devices: int, readings: int, envelope: int, base: Path) -> dic
     return {
         "devices": n_devices,
         "envelope": envelope,
+        "step_ms": step_ms,
         "readings": total,
         "preload_s": round(preload_s, 2),
         "readings_per_s": round(faust_rate),
@@ -200,11 +205,11 @@ def bench_fleet(n_devices: int, readings: int, envelope: int, base: Path) -> dic
     }
 
 
-def main(devices: list[int], readings: int, envelope: int, as_json: bool) -> dict[str, Any]:
+def main(devices: list[int], readings: int, envelope: int, as_json: bool, step_ms: int = 1000) -> dict[str, Any]:
     runs = []
     with tempfile.TemporaryDirectory(prefix="iotad-bench-") as tmp:
         for n in devices:
-            run = bench_fleet(n, readings, envelope, Path(tmp))
+            run = bench_fleet(n, readings, envelope, Path(tmp), step_ms)
             print(json.dumps(run), file=sys.stderr, flush=True)
             runs.append(run)
     result = {**runs[-1], "runs": runs}

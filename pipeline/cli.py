@@ -295,12 +295,13 @@ def bench_throughput(
     devices: Annotated[str, typer.Option(help="Comma-separated fleet sizes")] = "100,10000",
     readings: Annotated[int, typer.Option(help="Readings per run")] = 60000,
     envelope: Annotated[int, typer.Option(help="Readings per message (1 = single readings)")] = 1,
+    step_ms: Annotated[int, typer.Option(help="Resampling step; the latency fleet sends one reading a step")] = 1000,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """End-to-end readings/s through Faust vs a lean aiokafka loop on the same broker (see bench/)."""
     from bench.throughput import main as run
 
-    run([int(d) for d in devices.split(",")], readings, envelope, as_json)
+    run([int(d) for d in devices.split(",")], readings, envelope, as_json, step_ms)
 
 
 @bench_app.command("bad-input")
