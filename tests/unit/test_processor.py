@@ -542,12 +542,12 @@ def test_history_ring_behaves_like_a_bounded_deque_per_device(steps):
     for _ in range(40):
         if rng.random() < 0.15:  # a restore (or re-warm seeding): several rows at once
             r = rows[int(rng.integers(3))]
-            x = rng.normal(size=(int(rng.integers(0, 8)), 2))
+            x = rng.normal(size=(int(rng.integers(0, 8)), 2)).astype(np.float32)
             ring.extend(r, x)
             ref[r].extend(map(tuple, x.tolist()))
         else:  # a wave: some distinct devices, one row each
             wave = np.array(sorted(set(rng.integers(0, 3, size=3).tolist())))
-            x = rng.normal(size=(len(wave), 2))
+            x = rng.normal(size=(len(wave), 2)).astype(np.float32)
             ring.append(np.array([rows[i] for i in wave]), x)
             for i, v in zip(wave, x.tolist(), strict=True):
                 ref[rows[i]].append(tuple(v))
