@@ -182,6 +182,11 @@ def set_prefix_probation(det: Detector, names: Sequence[str], prefixes: Sequence
     learning = np.maximum(p // 2 - first_seen, 0)
     estimation = np.maximum(p - np.maximum(p // 2, first_seen), 1)
     thr.likelihood.set_probation(slots, learning, estimation)
+    if thr.spread_likelihood is not None and thr.spread is not None:
+        # it sees a row once the spread's reference is set: it estimates over the rest of the prefix, at
+        # least the likelihood's default period (short prefixes then start scoring it a little later)
+        rest = p - first_seen - thr.spread.calibration_steps
+        thr.spread_likelihood.set_probation(slots, np.zeros_like(p), np.maximum(rest, cfg.ensemble.estimation_steps))
 
 
 def run_nab(

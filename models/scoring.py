@@ -484,8 +484,12 @@ class LikelihoodThreshold(Threshold):
 
     The raw score may first be put in an ensemble (max) with a :class:`ReferenceDeviation` of the inputs
     (``reference``), a :class:`SeasonalDeviation` (``seasonal``, which needs the step's ``context``) and a
-    :class:`SpreadDeviation` (``spread``, a change of the noise level). The detector reports the
-    likelihood as the step's score. Flagged steps are not learnt by the likelihood distribution (nor by
+    :class:`SpreadDeviation` (``spread``, a change of the noise level). With ``spread_likelihood`` the
+    spread member is not in that max: its score has its own :class:`AnomalyLikelihood` (fed once the
+    spread's reference is set) and the reported score is the larger of the two likelihoods; with
+    ``shared_suppression`` the two share their "steps since the last red/spatial step" state, so an
+    event reported by one is not reported again by the other within ``suppress_steps``. The detector
+    reports the likelihood as the step's score. Flagged steps are not learnt by the likelihood distribution (nor by
     the ensemble's levels) unless the scoring config lets anomalies be learnt.
     """
 
@@ -498,25 +502,34 @@ class LikelihoodThreshold(Threshold):
         reference: ReferenceDeviation | None = None,
         seasonal: SeasonalDeviation | WeeklySeasonalDeviation | None = None,
         spread: SpreadDeviation | None = None,
+        spread_likelihood: AnomalyLikelihood | None = None,
+        shared_suppression: bool = False,
     ) -> None:
         self.likelihood = likelihood or AnomalyLikelihood()
         self.value = value
         self.reference = reference  # optional ensemble: raw = max(raw, reference deviation of the inputs)
         self.seasonal = seasonal  # optional ensemble: raw = max(raw, seasonal deviation of the inputs)
         self.spread = spread  # optional ensemble: raw = max(raw, change of the inputs' noise level)
+        # optional: the spread member judged by its own likelihood (its own distribution of averages, fed
+        # only once the spread is ready); the reported score is then the max of the two likelihoods.
+        if spread_likelihood is not None and spread is None:
+            raise ValueError("spread_likelihood needs a spread member")
+        self.spread_likelihood = spread_likelihood
+        self.shared_suppression = shared_suppression
+        self._spread_rows = np.zeros(0, bool)  # rows the spread likelihood saw this step (transform -> update)
 
     def context_of(self, ts_ms: np.ndarray) -> np.ndarray | None:
         return None if self.seasonal is None else self.seasonal.context_of(ts_ms)
 
     def grow(self, capacity: int) -> None:
         self.likelihood.grow(capacity)
-        for member in (self.reference, self.seasonal, self.spread):
+        for member in (self.reference, self.seasonal, self.spread, self.spread_likelihood):
             if member is not None:
                 member.grow(capacity)
 
     def reset(self, slots: np.ndarray) -> None:
         self.likelihood.reset(slots)
-        for member in (self.reference, self.seasonal, self.spread):
+        for member in (self.reference, self.seasonal, self.spread, self.spread_likelihood):
             if member is not None:
                 member.reset(slots)
 
@@ -532,17 +545,33 @@ class LikelihoodThreshold(Threshold):
         if self.seasonal is not None:
             bins = np.full(len(slots), -1, np.int64) if context is None else np.asarray(context, np.int64)
             scores = np.maximum(scores, self.seasonal.step(slots, x, seen, bins))
-        if self.spread is not None:
-            scores = np.maximum(scores, self.spread.step(slots, x, seen))
-        return self.likelihood.step(slots, scores, x, seen)
+        spread = None if self.spread is None else self.spread.step(slots, x, seen)
+        if spread is not None and self.spread_likelihood is None:
+            scores = np.maximum(scores, spread)
+        out = self.likelihood.step(slots, scores, x, seen)
+        if spread is not None and self.spread is not None and self.spread_likelihood is not None:
+            self._spread_rows = seen & self.spread.ready(slots)
+            out = np.maximum(out, self.spread_likelihood.step(slots, spread, x, self._spread_rows))
+            if self.shared_suppression:  # one event, one report: either likelihood's red mutes both's repeats
+                s = slots[self._spread_rows]  # (rows both likelihoods saw this step)
+                since = np.minimum(self.likelihood.since[s], self.spread_likelihood.since[s])
+                self.likelihood.since[s] = since
+                self.spread_likelihood.since[s] = since
+        return out
 
     def update(self, slots: np.ndarray, scores: np.ndarray, learn: np.ndarray) -> None:
         self.likelihood.update(slots, learn)
+        if self.spread_likelihood is not None and len(self._spread_rows) == len(slots):
+            self.spread_likelihood.update(slots, learn & self._spread_rows)
         for member in (self.reference, self.seasonal, self.spread):
             if member is not None:
                 member.update(slots, learn)
 
     def export(self, slot: int) -> list[float]:
+        if self.spread_likelihood is not None:  # [n, own.., n, ref.., n, seasonal.., n, spread.., spread lik..]
+            parts = [self.likelihood.export(slot)]
+            parts += [m.export(slot) if m is not None else [] for m in (self.reference, self.seasonal, self.spread)]
+            return [v for p in parts for v in (float(len(p)), *p)] + self.spread_likelihood.export(slot)
         if self.spread is not None:  # every part with its length: [n, own.., n, ref.., n, seasonal.., spread..]
             parts = [self.likelihood.export(slot)]
             parts += [m.export(slot) if m is not None else [] for m in (self.reference, self.seasonal)]
@@ -556,6 +585,23 @@ class LikelihoodThreshold(Threshold):
         return [float(len(own)), *own, float(len(ref)), *ref, *self.seasonal.export(slot)]
 
     def restore(self, slot: int, state: list[float]) -> None:
+        if self.spread_likelihood is not None and self.spread is not None:
+            rest = list(state)
+            for part in (self.likelihood, self.reference, self.seasonal):
+                if not rest or len(rest) < 1 + int(rest[0]):
+                    return
+                k = int(rest[0])
+                if part is not None:
+                    part.restore(slot, rest[1 : 1 + k])
+                rest = rest[1 + k :]
+            k = int(rest[0]) if rest else 0
+            lik_len = 9 + self.spread_likelihood.window + 2 * self.spread_likelihood.lo.shape[1]  # (no spatial: 0)
+            if k > 1 and (k - 1) % len(_SPREAD_ROWS) == 0 and len(rest) == 1 + k + lik_len:
+                self.spread.restore(slot, rest[1 : 1 + k])
+                self.spread_likelihood.restore(slot, rest[1 + k :])
+            else:  # a state saved without the spread likelihood: the spread member alone (its likelihood starts afresh)
+                self.spread.restore(slot, rest)
+            return
         if self.spread is not None:
             rest = list(state)
             for member in (self.likelihood, self.reference, self.seasonal):
@@ -1197,8 +1243,9 @@ class CalibratedThreshold(Threshold):
 @dataclass(frozen=True)
 class EnsembleConfig:
     """The likelihood ensemble: the forecaster's error z together (max) with a reference deviation of the
-    inputs, a seasonal (hour-of-day/-week) deviation and a noise-level change, turned into an HTM-style
-    anomaly likelihood. ``IOTAD_THRESHOLD_METHOD=ensemble`` in the worker and ``iotad evaluate nab`` build
+    inputs and a seasonal (hour-of-day/-week) deviation, turned into an HTM-style anomaly likelihood, and
+    a noise-level change with a likelihood of its own (the reported score: the larger of the two).
+    ``IOTAD_THRESHOLD_METHOD=ensemble`` in the worker and ``iotad evaluate nab`` build
     it from here. The likelihood parameters follow Numenta's HTM detector (moving average of 10, Gaussian
     tail, red/yellow suppression, log scaling, 5 % spatial tolerance)."""
 
@@ -1229,6 +1276,14 @@ class EnsembleConfig:
     # EWMA, spikes clipped at 3x the spread) vs its prefix reference, which neither the level nor the
     # one-step error shows for long (a metric that starts to oscillate, usual spikes that stop).
     spread: bool = True
+    # The spread member judged by its own AnomalyLikelihood (its own distribution of averages, fed once the
+    # spread's reference is set; no spatial check) and reported as the max of the two likelihoods, instead
+    # of inside the raw max, where the other members' noise on the same series hides it.
+    spread_likelihood: bool = True
+    # With spread_likelihood: a red (or spatial) step of either likelihood within ``suppress_steps`` of the
+    # previous one of either is a repeat of the same event (the noise level moves after a spike or a shift
+    # the other members already reported).
+    shared_suppression: bool = True
 
 
 def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThreshold:
@@ -1261,7 +1316,21 @@ def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThre
         seasonal = SeasonalDeviation(bins=cfg.seasonal_bins, span=cfg.reference_span)
     # warm-up 30 + reference 100 seen steps: set within the shortest NAB prefix (186 rows; seen from row 36)
     spread = SpreadDeviation(span=30, skip_steps=30, reference_steps=100) if cfg.spread else None
-    return LikelihoodThreshold(lik, cfg.flag_value, ref, seasonal, spread)
+    spread_lik = None
+    if spread is not None and cfg.spread_likelihood:
+        spread_lik = AnomalyLikelihood(
+            window=cfg.window,
+            estimation_steps=cfg.estimation_steps,
+            history_steps=cfg.history_steps,
+            min_std=cfg.min_std,
+            cap=cfg.cap,
+            suppress=cfg.suppress,
+            suppress_steps=cfg.window if cfg.suppress_steps is None else cfg.suppress_steps,
+            spatial_tolerance=None,
+            learn_red=cfg.learn_red,
+            scale=cfg.scale,
+        )
+    return LikelihoodThreshold(lik, cfg.flag_value, ref, seasonal, spread, spread_lik, cfg.shared_suppression)
 
 
 def seasonal_bin(ts_s: np.ndarray, bins: int = 24, weekly: bool = True) -> np.ndarray:

@@ -528,6 +528,94 @@ def test_likelihood_threshold_with_a_spread_member_exports_and_restores_every_me
     assert max(got_a[100:]) > 0.5  # the noise change is reported
 
 
+def _spread_lik_threshold(shared: bool = True) -> LikelihoodThreshold:
+    return LikelihoodThreshold(
+        AnomalyLikelihood(estimation_steps=20, suppress_steps=10, spatial_tolerance=0.05),
+        0.5,
+        ReferenceDeviation(skip_steps=5, reference_steps=20),
+        WeeklySeasonalDeviation(per_day=4, span=3),
+        SpreadDeviation(),
+        AnomalyLikelihood(estimation_steps=20, suppress_steps=10),
+        shared,
+    )
+
+
+def _run_threshold(thr: LikelihoodThreshold, x: np.ndarray, raw: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    """Step one slot per column of ``x`` (T, B, F) / ``raw`` (T, B) together, flagged steps not learnt;
+    returns the reported scores (T, B)."""
+    t_len, b = raw.shape
+    thr.grow(b)
+    slots = np.arange(b)
+    out = []
+    for t in range(t_len):
+        s = thr.transform(slots, raw[t], x[t], np.ones(b, bool), bins[t])
+        thr.update(slots, raw[t], s <= thr.value)
+        out.append(s)
+    return np.array(out)
+
+
+def test_spread_likelihood_sees_a_noise_change_and_is_causal_batched_and_restores_identically():
+    rng = np.random.default_rng(21)
+    n, b = 500, 3
+    x = rng.normal(size=(n, b, 1)) * np.array([1.0, 3.0, 0.5])[None, :, None]
+    x[350:, 1] *= 5.0  # slot 1: the noise level changes
+    raw = np.abs(rng.normal(size=(n, b)))
+    bins = np.tile((np.arange(n) % 28)[:, None], (1, b))
+    together = _run_threshold(_spread_lik_threshold(), x, raw, bins)
+    for j in range(b):
+        alone = _run_threshold(_spread_lik_threshold(), x[:, j : j + 1], raw[:, j : j + 1], bins[:, j : j + 1])
+        np.testing.assert_allclose(together[:, j], alone[:, 0], rtol=0, atol=1e-12)
+    assert together[350:420, 1].max() > 0.5  # the noise change is reported
+    changed, changed_raw = x.copy(), raw.copy()
+    changed[300:], changed_raw[300:] = 40.0, 99.0  # the future does not change the past
+    got = _run_threshold(_spread_lik_threshold(), changed, changed_raw, bins)
+    np.testing.assert_array_equal(got[:300], together[:300])
+    # the spread likelihood sees a row only once the spread's reference is set
+    thr = _spread_lik_threshold()
+    _run_threshold(thr, x[:129, :1], raw[:129, :1], bins[:129, :1])
+    assert thr.spread_likelihood is not None and thr.spread_likelihood.n[0] == 0
+    # export/restore: a restored slot continues identically
+    a, c = _spread_lik_threshold(), _spread_lik_threshold()
+    _run_threshold(a, x[:250, 1:2], raw[:250, 1:2], bins[:250, 1:2])
+    c.grow(2)
+    c.transform(np.array([0]), np.zeros(1), x[0, :1], np.array([False]), bins[0, :1])  # learn the feature counts
+    c.restore(1, a.export(0))
+    assert c.export(1) == a.export(0)
+    for t in range(250, n):
+        sa = a.transform(np.array([0]), raw[t, 1:2], x[t, 1:2], np.array([True]), bins[t, 1:2])
+        a.update(np.array([0]), raw[t, 1:2], sa <= 0.5)
+        sc = c.transform(np.array([1]), raw[t, 1:2], x[t, 1:2], np.array([True]), bins[t, 1:2])
+        c.update(np.array([1]), raw[t, 1:2], sc <= 0.5)
+        assert sa[0] == pytest.approx(sc[0], abs=1e-12)
+
+
+def test_shared_suppression_reports_one_event_once_across_both_likelihoods():
+    rng = np.random.default_rng(22)
+    x, raw = rng.normal(size=(140, 1, 1)), np.abs(rng.normal(size=(140, 1)))
+    bins = (np.arange(140) % 28)[:, None]
+    one, seen = np.array([0]), np.array([True])
+    since = {}
+    for shared in (True, False):
+        thr = _spread_lik_threshold(shared)
+        _run_threshold(thr, x, raw, bins)  # past the spread's reference: both likelihoods see every row
+        assert thr.spread_likelihood is not None
+        thr.spread_likelihood.since[0], thr.likelihood.since[0] = 0, 50  # the spread one reported an event
+        thr.transform(one, np.zeros(1), np.zeros((1, 1)), seen, np.zeros(1, np.int64))
+        since[shared] = (int(thr.likelihood.since[0]), int(thr.spread_likelihood.since[0]))
+    assert since[True] == (1, 1)  # both count from the last event of either
+    assert since[False] == (51, 1)
+    # before the spread is ready (128 steps), the main likelihood counts its events on its own
+    spiked = raw[:120].copy()
+    spiked[60] = 30.0
+    a, b = _spread_lik_threshold(True), _spread_lik_threshold(False)
+    np.testing.assert_array_equal(
+        _run_threshold(a, x[:120], spiked, bins[:120]), _run_threshold(b, x[:120], spiked, bins[:120])
+    )
+    assert a.likelihood.since[0] == b.likelihood.since[0] < 60  # (not stuck at the spike)
+    with pytest.raises(ValueError):
+        LikelihoodThreshold(AnomalyLikelihood(), 0.5, spread_likelihood=AnomalyLikelihood())
+
+
 def _run_calibrated(thr: CalibratedThreshold, x: np.ndarray, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Step one slot per column of ``x`` (T, B, F) / ``raw`` (T, B) together, flagged steps not learnt;
     returns the reported scores and the flags (T, B)."""
@@ -601,3 +689,19 @@ def test_per_member_thresholds_are_causal_batched_and_restore_identically():
         fa = sa > a.values(np.array([0]))
         a.update(np.array([0]), raw[t, :1], ~fa)
         b.update(np.array([1]), raw[t, :1], ~fa)
+
+
+def test_a_state_saved_without_the_spread_likelihood_restores_its_members():
+    rng = np.random.default_rng(23)
+    old = _spread_lik_threshold()
+    old.spread_likelihood = None  # the format of the previous version: no spread likelihood
+    x, raw = rng.normal(size=(200, 1, 1)), np.abs(rng.normal(size=(200, 1)))
+    _run_threshold(old, x, raw, (np.arange(200) % 28)[:, None])
+    new = _spread_lik_threshold()
+    new.grow(1)
+    new.transform(np.array([0]), np.zeros(1), x[0], np.array([False]), np.zeros(1, np.int64))
+    new.restore(0, old.export(0))
+    assert new.likelihood.export(0) == old.likelihood.export(0)
+    assert new.spread is not None and old.spread is not None
+    assert new.spread.export(0) == old.spread.export(0)
+    assert new.spread_likelihood is not None and new.spread_likelihood.n[0] == 0  # starts afresh
