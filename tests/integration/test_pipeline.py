@@ -76,6 +76,7 @@ def test_fleet_end_to_end(tmp_path: Path) -> None:
         dlq = read_all(stack.bootstrap, s.dlq_topic, min_records=stats.malformed_sent + stats.late_sent)
         points = count_points(stack.influx_url, s.influx_database, s.influx_measurement, field="threshold")
         worker = stack.procs[0]
+        worker_log = worker.log_path.read_text(errors="replace")
         metrics = {
             m: worker.metric(m)
             for m in (
@@ -117,6 +118,8 @@ def test_fleet_end_to_end(tmp_path: Path) -> None:
     assert metrics["iotad_late_readings_total"] == stats.late_sent
     assert metrics["iotad_anomalies_total"] == sum(x["is_anomaly"] for x in scores)
     assert metrics["iotad_devices_tracked"] == 24
+    # The worker could set its consumer's fetch wait (Faust internals; IOTAD_KAFKA_FETCH_MAX_WAIT_MS).
+    assert "cannot set the consumer's fetch_max_wait_ms" not in worker_log
 
 
 def test_worker_killed_mid_stream_resumes_state_exactly(tmp_path: Path) -> None:
