@@ -596,7 +596,7 @@ class LikelihoodThreshold(Threshold):
                 rest = rest[1 + k :]
             k = int(rest[0]) if rest else 0
             lik_len = 9 + self.spread_likelihood.window + 2 * self.spread_likelihood.lo.shape[1]  # (no spatial: 0)
-            if k > 1 and (k - 1) % len(_SPREAD_ROWS) == 0 and len(rest) == 1 + k + lik_len:
+            if k > 1 and (k - 1) % len(SpreadDeviation.ROWS) == 0 and len(rest) == 1 + k + lik_len:
                 self.spread.restore(slot, rest[1 : 1 + k])
                 self.spread_likelihood.restore(slot, rest[1 + k :])
             else:  # a state saved without the spread likelihood: the spread member alone (its likelihood starts afresh)
@@ -633,7 +633,70 @@ class LikelihoodThreshold(Threshold):
         self.seasonal.restore(slot, rest[1 + r :])
 
 
-class ReferenceDeviation:
+class _SlotRows:
+    """Per-slot state of a reference-based ensemble member: a count ``n`` of seen steps and ``(F,)`` float
+    rows named in ``ROWS`` (the feature count ``f`` is set by the first step or restore). The first
+    ``skip_steps`` seen steps warm up, the next ``reference_steps`` fix the reference. Exported as
+    ``[n, *rows]``."""
+
+    ROWS: tuple[str, ...] = ()
+    skip_steps: int
+    reference_steps: int
+    n: np.ndarray
+    f: int
+
+    def _init_rows(self) -> None:
+        self.n = np.zeros(0, np.int64)
+        self.f = 0
+        for name in self.ROWS:
+            setattr(self, name, np.zeros((0, 0)))
+
+    @property
+    def capacity(self) -> int:
+        return len(self.n)
+
+    @property
+    def calibration_steps(self) -> int:
+        """Seen steps before the reference is set (and scores are meaningful)."""
+        return self.skip_steps + self.reference_steps
+
+    def _features(self, f: int) -> None:
+        if f != self.f:
+            self.f = f
+            for name in self.ROWS:
+                setattr(self, name, np.zeros((self.capacity, f)))
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - self.capacity
+        if extra <= 0:
+            return
+        self.n = np.concatenate([self.n, np.zeros(extra, np.int64)])
+        for name in self.ROWS:
+            setattr(self, name, np.concatenate([getattr(self, name), np.zeros((extra, self.f))]))
+
+    def reset(self, slots: np.ndarray) -> None:
+        self.n[slots] = 0
+        for name in self.ROWS:
+            getattr(self, name)[slots] = 0.0
+
+    def ready(self, slots: np.ndarray) -> np.ndarray:
+        return self.n[slots] >= self.calibration_steps
+
+    def export(self, slot: int) -> list[float]:
+        return [float(self.n[slot]), *np.concatenate([getattr(self, n)[slot] for n in self.ROWS]).tolist()]
+
+    def restore(self, slot: int, state: list[float]) -> None:
+        rows = len(self.ROWS)
+        if self.f == 0 and len(state) > 1 and (len(state) - 1) % rows == 0:
+            self._features((len(state) - 1) // rows)
+        if len(state) != 1 + rows * self.f:
+            return
+        self.n[slot] = int(state[0])
+        for i, name in enumerate(self.ROWS):
+            getattr(self, name)[slot] = state[1 + i * self.f : 1 + (i + 1) * self.f]
+
+
+class ReferenceDeviation(_SlotRows):
     """Per-slot deviation of the smoothed input from the slot's own reference level (batched, causal).
 
     A cheap baseline for sustained anomalies (a level that moves and stays), which a one-step forecast
@@ -645,6 +708,12 @@ class ReferenceDeviation:
     only from the steps the caller lets learn (e.g. not the flagged ones), so a flagged level shift
     stays flagged while slow normal drifts are followed. Scores are 0 until the reference is set.
     """
+
+    ROWS = ("ema", "mean", "m2", "level")  # smoothed input; reference mean / sum of squares; level
+    ema: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+    level: np.ndarray
 
     def __init__(
         self,
@@ -661,38 +730,8 @@ class ReferenceDeviation:
         self.rate = float(1.0 - 0.5 ** (1.0 / halflife_steps))
         self.skip_steps, self.reference_steps = skip_steps, reference_steps
         self.scale_floor = np.asarray(scale_floor, np.float64)
-        self.n = np.zeros(0, np.int64)
-        self.ema = np.zeros((0, 0))
-        self.mean = np.zeros((0, 0))
-        self.m2 = np.zeros((0, 0))
-        self.level = np.zeros((0, 0))
+        self._init_rows()
         self.z = np.zeros((0, 0))  # the last step's per-feature scores (B, F)
-
-    @property
-    def capacity(self) -> int:
-        return len(self.n)
-
-    @property
-    def calibration_steps(self) -> int:
-        """Seen steps before the reference is set (and scores are meaningful)."""
-        return self.skip_steps + self.reference_steps
-
-    def grow(self, capacity: int) -> None:
-        extra = capacity - self.capacity
-        if extra <= 0:
-            return
-        f = self.ema.shape[1]
-        self.n = np.concatenate([self.n, np.zeros(extra, np.int64)])
-        for name in ("ema", "mean", "m2", "level"):
-            setattr(self, name, np.concatenate([getattr(self, name), np.zeros((extra, f))]))
-
-    def reset(self, slots: np.ndarray) -> None:
-        self.n[slots] = 0
-        for name in ("ema", "mean", "m2", "level"):
-            getattr(self, name)[slots] = 0.0
-
-    def ready(self, slots: np.ndarray) -> np.ndarray:
-        return self.n[slots] >= self.calibration_steps
 
     def _std(self, slots: np.ndarray) -> np.ndarray:
         k = np.clip(self.n[slots] - self.skip_steps, 1, self.reference_steps)[:, None]
@@ -701,9 +740,7 @@ class ReferenceDeviation:
     def step(self, slots: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
         """Scores ``(B,)`` of inputs ``x`` ``(B, F)``; advances the smoothing (and, within the reference
         period, the reference) of the ``seen`` rows."""
-        if self.ema.shape[1] != x.shape[1]:
-            for name in ("ema", "mean", "m2", "level"):
-                setattr(self, name, np.zeros((self.capacity, x.shape[1])))
+        self._features(x.shape[1])
         s, xs = slots[seen], np.asarray(x, np.float64)[seen]
         n = self.n[s]
         ema = np.where((n == 0)[:, None], xs, self.ema[s] + self.alpha * (xs - self.ema[s]))
@@ -726,26 +763,14 @@ class ReferenceDeviation:
         ``learn`` is ``(B,)`` (whole rows) or ``(B, F)`` (per feature)."""
         mask = np.asarray(learn, bool)
         if mask.ndim == 1:
-            mask = np.repeat(mask[:, None], self.ema.shape[1], axis=1)
+            mask = np.repeat(mask[:, None], self.f, axis=1)
         mask = mask & self.ready(slots)[:, None]
         rows = mask.any(axis=1)
         s, m = slots[rows], mask[rows]
         self.level[s] += np.where(m, self.rate * (self.ema[s] - self.level[s]), 0.0)
 
-    def export(self, slot: int) -> list[float]:
-        rows = [self.ema[slot], self.mean[slot], self.m2[slot], self.level[slot]]
-        return [float(self.n[slot]), *np.concatenate(rows).tolist()]
 
-    def restore(self, slot: int, state: list[float]) -> None:
-        f = self.ema.shape[1]
-        if len(state) != 1 + 4 * f:
-            return
-        self.n[slot] = int(state[0])
-        for i, name in enumerate(("ema", "mean", "m2", "level")):
-            getattr(self, name)[slot] = state[1 + i * f : 1 + (i + 1) * f]
-
-
-class SpreadDeviation:
+class SpreadDeviation(_SlotRows):
     """Per-slot change of the input's *noise level* (spread of its increments), batched and causal.
 
     A level baseline and a one-step forecast error see a change of level; a series whose noise grows
@@ -760,6 +785,16 @@ class SpreadDeviation:
     flagged ones), as :class:`ReferenceDeviation`'s level. Two-sided: more noise and less noise both
     score. Scores are 0 until the reference is set.
     """
+
+    # the last input, EWMA of the squared (clipped) increments, the last log-spread (what update() learns),
+    # reference mean / sum of squares of the log-spread, level
+    ROWS = ("last", "spread", "logs", "mean", "m2", "level")
+    last: np.ndarray
+    spread: np.ndarray
+    logs: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+    level: np.ndarray
 
     def __init__(
         self,
@@ -778,45 +813,8 @@ class SpreadDeviation:
         self.std_floor = 0.5 * math.sqrt(2.0 / span)
         self.rate = float(1.0 - 0.5 ** (1.0 / halflife_steps))
         self.skip_steps, self.reference_steps = skip_steps, reference_steps
-        self.n = np.zeros(0, np.int64)
-        self.f = 0
-        self.last = np.zeros((0, 0))  # the last input
-        self.spread = np.zeros((0, 0))  # EWMA of the squared (clipped) increments
-        self.logs = np.zeros((0, 0))  # the last log-spread (what update() learns)
-        self.mean = np.zeros((0, 0))  # reference mean / sum of squares of the log-spread
-        self.m2 = np.zeros((0, 0))
-        self.level = np.zeros((0, 0))
+        self._init_rows()
         self.z = np.zeros((0, 0))  # the last step's per-feature scores (B, F)
-
-    @property
-    def capacity(self) -> int:
-        return len(self.n)
-
-    @property
-    def calibration_steps(self) -> int:
-        return self.skip_steps + self.reference_steps
-
-    def _features(self, f: int) -> None:
-        if f != self.f:
-            self.f = f
-            for name in _SPREAD_ROWS:
-                setattr(self, name, np.zeros((self.capacity, f)))
-
-    def grow(self, capacity: int) -> None:
-        extra = capacity - self.capacity
-        if extra <= 0:
-            return
-        self.n = np.concatenate([self.n, np.zeros(extra, np.int64)])
-        for name in _SPREAD_ROWS:
-            setattr(self, name, np.concatenate([getattr(self, name), np.zeros((extra, self.f))]))
-
-    def reset(self, slots: np.ndarray) -> None:
-        self.n[slots] = 0
-        for name in _SPREAD_ROWS:
-            getattr(self, name)[slots] = 0.0
-
-    def ready(self, slots: np.ndarray) -> np.ndarray:
-        return self.n[slots] >= self.calibration_steps
 
     def step(self, slots: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
         """Scores ``(B,)`` of inputs ``x`` ``(B, F)``; advances the spread (and, within the reference
@@ -853,22 +851,6 @@ class SpreadDeviation:
         """Let the level of the ``learn`` rows (past the reference period) follow their log-spread."""
         s = slots[np.asarray(learn, bool) & self.ready(slots)]
         self.level[s] += self.rate * (self.logs[s] - self.level[s])
-
-    def export(self, slot: int) -> list[float]:
-        return [float(self.n[slot]), *np.concatenate([getattr(self, n)[slot] for n in _SPREAD_ROWS]).tolist()]
-
-    def restore(self, slot: int, state: list[float]) -> None:
-        rows = len(_SPREAD_ROWS)
-        if self.f == 0 and len(state) > 1 and (len(state) - 1) % rows == 0:
-            self._features((len(state) - 1) // rows)
-        if len(state) != 1 + rows * self.f:
-            return
-        self.n[slot] = int(state[0])
-        for i, name in enumerate(_SPREAD_ROWS):
-            getattr(self, name)[slot] = state[1 + i * self.f : 1 + (i + 1) * self.f]
-
-
-_SPREAD_ROWS = ("last", "spread", "logs", "mean", "m2", "level")  # per-slot (F,) rows of SpreadDeviation
 
 
 class SeasonalDeviation:

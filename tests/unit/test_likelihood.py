@@ -705,3 +705,21 @@ def test_a_state_saved_without_the_spread_likelihood_restores_its_members():
     assert new.spread is not None and old.spread is not None
     assert new.spread.export(0) == old.spread.export(0)
     assert new.spread_likelihood is not None and new.spread_likelihood.n[0] == 0  # starts afresh
+
+
+def test_reference_state_restores_into_a_member_that_has_not_stepped_yet():
+    """A restarted worker restores a device's checkpoint before its first step: the feature count comes
+    from the state itself (it used to be dropped when the member had not seen an input yet)."""
+    from models.scoring import ReferenceDeviation
+
+    rng = np.random.default_rng(1)
+    a = ReferenceDeviation(skip_steps=2, reference_steps=5)
+    a.grow(1)
+    for _ in range(12):
+        a.step(np.array([0]), rng.normal(size=(1, 3)), np.array([True]))
+    fresh = ReferenceDeviation(skip_steps=2, reference_steps=5)
+    fresh.grow(1)
+    fresh.restore(0, a.export(0))
+    assert fresh.export(0) == a.export(0)
+    x = rng.normal(size=(1, 3))
+    assert fresh.step(np.array([0]), x, np.array([True])) == pytest.approx(a.step(np.array([0]), x, np.array([True])))
