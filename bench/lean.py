@@ -16,9 +16,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from connectors.influx import RetryingSink, make_writer
 from connectors.kafka_admin import create_topics
-from connectors.kafka_batches import Record, send_batches
+from connectors.kafka_batches import Record, send_batches, send_checkpoints
 from connectors.kafka_security import KafkaSecurity
-from pipeline.app import CHANGELOG_MARKER, build_detector, build_processor
+from pipeline.app import build_detector, build_processor
 from pipeline.processor import Inbound
 from pipeline.records import score_json, score_line
 from pipeline.settings import Settings
@@ -67,12 +67,8 @@ async def run_lean(settings: Settings, topic: str, expected_scores: int, timeout
                 scores: list[Record] = [(r.device_id.encode(), score_json(r, sensors, now_ms), []) for r in res.scores]
                 await asyncio.gather(*await send_batches(producer, settings.scores_topic, {0: scores}))
             if res.dirty:
-                by_partition: dict[int, list[Record]] = {}
-                for dev, (partition, blob) in processor.checkpoint(res.dirty).items():
-                    by_partition.setdefault(partition, []).append((dev.encode(), blob, []))
-                await asyncio.gather(*await send_batches(producer, changelog, by_partition))
-                markers: dict[int, list[Record]] = {p: [(CHANGELOG_MARKER, b"", [])] for p in by_partition}
-                await asyncio.gather(*await send_batches(producer, changelog, markers))
+                checkpoints = {dev.encode(): item for dev, item in processor.checkpoint(res.dirty).items()}
+                await send_checkpoints(producer, changelog, checkpoints)
             await consumer.commit()
             scored += len(res.scores)
     finally:

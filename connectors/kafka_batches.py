@@ -7,6 +7,7 @@ state checkpoints) all go out this way, to partitions the caller chose.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any
 
@@ -32,3 +33,23 @@ async def send_batches(
                 batch.append(key=key, value=value, timestamp=None, headers=headers)
         futures.append(await producer.send_batch(batch, topic, partition=partition))
     return futures
+
+
+CHANGELOG_MARKER = b"\x00checkpoint"
+
+
+async def send_checkpoints(producer: AIOKafkaProducer, topic: str, records: Mapping[bytes, tuple[int, bytes]]) -> None:
+    """State checkpoints ``key -> (partition, blob)`` to a changelog topic, awaited, then one end marker alone
+    in its batch on each touched partition.
+
+    Tansu 0.6 reports a partition's high watermark as the base offset of its last record batch + 1, so a
+    reader that stops at the high watermark (Faust's table recovery) would miss the rest of a batched
+    checkpoint; the lone trailing marker makes that watermark exact. Harmless on Kafka: the marker key is
+    no valid device id and nothing reads it.
+    """
+    by_partition: dict[int, list[Record]] = {}
+    for key, (partition, blob) in records.items():
+        by_partition.setdefault(partition, []).append((key, blob, []))
+    await asyncio.gather(*await send_batches(producer, topic, by_partition))
+    markers: dict[int, list[Record]] = {p: [(CHANGELOG_MARKER, b"", [])] for p in by_partition}
+    await asyncio.gather(*await send_batches(producer, topic, markers))

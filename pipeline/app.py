@@ -6,7 +6,6 @@ Built by a factory from :class:`Settings` (nothing is read from the environment 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from faust.transport.drivers.aiokafka import Producer as FaustKafkaProducer
 from faust.types import TableT
 
 from connectors.influx import RetryingSink, make_writer
-from connectors.kafka_batches import Record, send_batches
+from connectors.kafka_batches import send_checkpoints
 from connectors.kafka_security import KafkaSecurity
 from connectors.kafka_security import register as register_security
 from models.artifact import load_artifact
@@ -104,28 +103,17 @@ class Components:
     settings: Settings
 
 
-CHANGELOG_MARKER = b"\x00checkpoint"
-
-
 async def write_checkpoints(app: faust.App, table: TableT, records: Mapping[bytes, tuple[int, bytes]]) -> None:
-    """Checkpoint records ``key -> (partition, blob)`` to ``table``'s changelog, awaited, then one end marker
-    alone in its batch on each touched partition; the local table view is updated in place.
+    """Checkpoint records ``key -> (partition, blob)`` to ``table``'s changelog (with the end marker, see
+    :func:`connectors.kafka_batches.send_checkpoints`); the local table view is updated in place.
 
-    Records go as record batches straight to an explicit partition (Faust's per-key table machinery costs
-    several times more per record). Tansu 0.6 reports a partition's high watermark as the base offset of its
-    last record batch + 1, so Faust's recovery, which reads up to the high watermark, would miss the rest of a
-    batched checkpoint; the lone trailing marker makes that watermark exact. Harmless on Kafka: the marker
-    key is no valid device id and nothing reads it.
+    Records go as record batches straight to an explicit partition: Faust's per-key table machinery costs
+    several times more per record.
     """
-    aio: AIOKafkaProducer = cast(FaustKafkaProducer, app.producer)._ensure_producer()
-    topic = table.changelog_topic.get_topic_name()
-    by_partition: dict[int, list[Record]] = {}
-    for key, (partition, blob) in records.items():
+    for key, (_, blob) in records.items():
         table.data[key] = blob
-        by_partition.setdefault(partition, []).append((key, blob, []))
-    await asyncio.gather(*await send_batches(aio, topic, by_partition))
-    markers: dict[int, list[Record]] = {p: [(CHANGELOG_MARKER, b"", [])] for p in by_partition}
-    await asyncio.gather(*await send_batches(aio, topic, markers))
+    aio: AIOKafkaProducer = cast(FaustKafkaProducer, app.producer)._ensure_producer()
+    await send_checkpoints(aio, table.changelog_topic.get_topic_name(), records)
 
 
 def make_faust_app(settings: Settings, app_id: str) -> faust.App:
