@@ -7,22 +7,15 @@ A server that cannot start skips the tests that need it on a developer machine, 
 from __future__ import annotations
 
 import itertools
-import os
 import uuid
 from collections.abc import Callable, Iterator
-from typing import NoReturn
 
 import pytest
 
 from connectors.localstack import InfluxD, ServerStartError, Tansu
+from tests.servers import unavailable
 
 TEST_DATABASE = "iotad_test"
-
-
-def _unavailable(what: str, exc: Exception) -> NoReturn:
-    if os.environ.get("CI") == "true":
-        raise exc
-    pytest.skip(f"{what} unavailable: {exc}")
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +25,7 @@ def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
     try:
         server.start()
     except ServerStartError as exc:
-        _unavailable("Tansu", exc)
+        unavailable("Tansu", exc)
     try:
         yield server
     finally:
@@ -48,7 +41,7 @@ def influxd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxD]:
         server.create_database(TEST_DATABASE)
     except ServerStartError as exc:
         server.stop()
-        _unavailable("InfluxDB", exc)
+        unavailable("InfluxDB", exc)
     try:
         yield server
     finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from connectors.alertmanager_server import Alertmanager, webhook_config
 from connectors.localstack import ServerStartError, free_port
 from pipeline.alerting import AlertEngine, AlertPolicy, ScoreIn, encode_event
 from tests.integration.alert_receivers import ReceiverServer
+from tests.servers import unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -73,9 +73,7 @@ def test_real_alertmanager_fires_and_resolves(tmp_path: Path, receivers: Receive
     try:
         am.start()
     except ServerStartError as exc:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"Alertmanager unavailable: {exc}")
+        unavailable("Alertmanager", exc)
     try:
         (trigger, trigger_raw), (resolve, resolve_raw) = _incident()
         r = AlertmanagerReceiver("am", am.url, firing_ttl_s=3600)

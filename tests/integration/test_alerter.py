@@ -8,7 +8,6 @@ fails past its budget (dead-lettered, then re-driven once it works).
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from pipeline.alert_agents import redrive
 from pipeline.settings import Settings
 from pipeline.stack import PipelineStack
 from tests.integration.alert_receivers import ReceiverServer
+from tests.servers import unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -35,12 +35,6 @@ SECRET = "e2e-hmac-secret"
 ROUTING_KEY = "E2EROUTINGKEY000000000000000000"
 STEP = 1000
 DEVICES = [f"{g}-{i}" for g in ("north", "south", "east", "west", "plant") for i in (1, 2)]
-
-
-def _unavailable(what: str, exc: Exception) -> None:
-    if os.environ.get("CI") == "true":
-        raise exc
-    pytest.skip(f"{what} unavailable: {exc}")
 
 
 def _score(device: str, ts: int, ratio: float | None) -> bytes:
@@ -187,7 +181,7 @@ def test_alerter_end_to_end(tmp_path: Path, receivers: ReceiverServer):
     try:
         am.start()
     except ServerStartError as exc:
-        _unavailable("Alertmanager", exc)
+        unavailable("Alertmanager", exc)
     s = _settings(tmp_path, "alerts-e2e", alert_routes=str(_routes(tmp_path, receivers, am.url)))
     receivers.recover_at["flaky"] = time.monotonic() + 1e6  # down until the first alert has been tried
     receivers.recover_at["broken"] = time.monotonic() + 1e6
@@ -196,7 +190,7 @@ def test_alerter_end_to_end(tmp_path: Path, receivers: ReceiverServer):
         stack.start()
     except ServerStartError as exc:
         am.stop()
-        _unavailable("local stack", exc)
+        unavailable("local stack", exc)
     feed = Feed(stack.bootstrap, s.scores_topic, _plan)
     try:
         ts = feed.ts
@@ -348,7 +342,7 @@ def test_alerter_restart_recovers_lifecycle_state(tmp_path: Path, receivers: Rec
     try:
         stack.start()
     except ServerStartError as exc:
-        _unavailable("local stack", exc)
+        unavailable("local stack", exc)
     feed = Feed(stack.bootstrap, s.scores_topic, lambda step: plan.get(step, {}))
     key = f"alerts-restart:south-2:{feed.ts(0)}"
     try:
