@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +28,18 @@ from models.forecaster import Forecaster, ForecasterConfig
 WEIGHTS = "model.safetensors"
 METADATA = "model.json"
 FORMAT = 1
+
+
+class SavableModel(Protocol):
+    """What :func:`save_artifact` writes: a module whose ``config.to_dict()`` rebuilds it."""
+
+    @property
+    def config(self) -> _ModelConfig: ...
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class _ModelConfig(Protocol):
+    def to_dict(self) -> dict[str, object]: ...
 
 
 class ArtifactError(ValueError):
@@ -77,7 +89,7 @@ def _git_commit() -> str | None:
 
 def save_artifact(
     directory: Path,
-    model: Forecaster,
+    model: SavableModel,
     features: Sequence[str],
     normaliser: Normaliser,
     *,

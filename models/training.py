@@ -42,16 +42,16 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from models.artifact import Normaliser, save_artifact
+from models.artifact import Normaliser, SavableModel, save_artifact
 from models.forecaster import CellKind, Forecaster, ForecasterConfig
 
 # Evaluation walks at most this many series side by side and this many steps per forward call, so its
@@ -332,6 +332,93 @@ def _train_epoch(
     return loss_sum / weight_sum if weight_sum else math.nan
 
 
+class _OptimConfig(Protocol):
+    """The optimisation fields :func:`make_optimiser` and :func:`fit_epochs` read (``TrainConfig`` has them)."""
+
+    @property
+    def lr(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def lr_factor(self) -> float: ...
+    @property
+    def lr_patience(self) -> int: ...
+    @property
+    def max_epochs(self) -> int: ...
+    @property
+    def patience(self) -> int: ...
+
+
+def make_optimiser(
+    model: torch.nn.Module, config: _OptimConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau]:
+    """Adam and the ReduceLROnPlateau schedule (on the validation loss) every trainer here uses."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimiser, mode="min", factor=config.lr_factor, patience=config.lr_patience
+    )
+    return optimiser, scheduler
+
+
+def fit_epochs(
+    model: torch.nn.Module,
+    optimiser: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
+    run_epoch: Callable[[], float],
+    validate: Callable[[], float],
+    config: _OptimConfig,
+    *,
+    progress: bool = True,
+) -> tuple[list[dict[str, float]], int]:
+    """The epoch loop shared by the trainers: ``run_epoch`` (returns the training loss), ``validate``
+    (returns the validation loss), the LR schedule on it, and early stopping after ``config.patience``
+    epochs without a better validation loss.
+
+    The best epoch's weights are restored and the model is left in eval mode. Returns the per-epoch
+    history (``epoch``, ``train_loss``, ``val_mse``, ``lr``, ``seconds``) and the best epoch (1-based; 0
+    if no epoch gave a finite validation loss, and the initial weights were kept).
+    """
+    history: list[dict[str, float]] = []
+    best_val, best_epoch, best_state = math.inf, 0, copy.deepcopy(model.state_dict())
+    bar = Progress(
+        TextColumn("[bold]training[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        disable=not progress,
+    )
+    with bar:
+        task = bar.add_task("", total=config.max_epochs)
+        for epoch in range(1, config.max_epochs + 1):
+            epoch_start = time.perf_counter()
+            lr = float(optimiser.param_groups[0]["lr"])
+            train_loss = run_epoch()
+            val = validate()
+            scheduler.step(val)
+            history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "val_mse": val,
+                    "lr": lr,
+                    "seconds": time.perf_counter() - epoch_start,
+                }
+            )
+            if val < best_val:
+                best_val, best_epoch, best_state = val, epoch, copy.deepcopy(model.state_dict())
+            bar.update(
+                task,
+                advance=1,
+                description=f"train {train_loss:.4f}  val {val:.4f} (best {best_val:.4f} @ {best_epoch})  lr {lr:.1e}",
+            )
+            if epoch - best_epoch >= config.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return history, best_epoch
+
+
 def train(
     series: Sequence[np.ndarray],
     features: Sequence[str],
@@ -371,7 +458,6 @@ def train(
     z_fit = [s[:n] for s, n in zip(z, n_fit, strict=True)]  # validation is scored after the training part
 
     rng = np.random.default_rng(config.seed)
-    history: list[dict[str, float]] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = Forecaster(
@@ -383,48 +469,16 @@ def train(
                 cell=config.cell,
             )
         )
-        optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimiser, mode="min", factor=config.lr_factor, patience=config.lr_patience
+        optimiser, scheduler = make_optimiser(model, config)
+        history, best_epoch = fit_epochs(
+            model,
+            optimiser,
+            scheduler,
+            lambda: _train_epoch(model, optimiser, z_train, ex_train, lane_len, config, rng),
+            lambda: _evaluate(model, z_fit, excluded, n_train)["mse"],
+            config,
+            progress=progress,
         )
-        best_val, best_epoch, best_state = math.inf, 0, copy.deepcopy(model.state_dict())
-        bar = Progress(
-            TextColumn("[bold]training[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            disable=not progress,
-        )
-        with bar:
-            task = bar.add_task("", total=config.max_epochs)
-            for epoch in range(1, config.max_epochs + 1):
-                epoch_start = time.perf_counter()
-                lr = float(optimiser.param_groups[0]["lr"])
-                train_loss = _train_epoch(model, optimiser, z_train, ex_train, lane_len, config, rng)
-                val = _evaluate(model, z_fit, excluded, n_train)["mse"]
-                scheduler.step(val)
-                history.append(
-                    {
-                        "epoch": epoch,
-                        "train_loss": train_loss,
-                        "val_mse": val,
-                        "lr": lr,
-                        "seconds": time.perf_counter() - epoch_start,
-                    }
-                )
-                if val < best_val:
-                    best_val, best_epoch, best_state = val, epoch, copy.deepcopy(model.state_dict())
-                bar.update(
-                    task,
-                    advance=1,
-                    description=f"train {train_loss:.4f}  val {val:.4f} (best {best_val:.4f} @ {best_epoch})"
-                    f"  lr {lr:.1e}",
-                )
-                if epoch - best_epoch >= config.patience:
-                    break
-    model.load_state_dict(best_state)
-    model.eval()
     train_eval = _evaluate(model, z_train, ex_train, [config.warmup_steps_loss + 1] * len(z))
     val_eval = _evaluate(model, z_fit, excluded, n_train)
     test_eval = _evaluate(model, z, excluded, n_fit)
@@ -461,18 +515,40 @@ def _compact(value: Any) -> Any:
     return value
 
 
+class Trained(Protocol):
+    """What :func:`save_trained` writes: a :class:`TrainResult`, or another trainer's result of the same
+    shape (:class:`models.autoencoder.AutoencoderResult`); ``config`` is a dataclass."""
+
+    @property
+    def model(self) -> SavableModel: ...
+    @property
+    def normaliser(self) -> Normaliser: ...
+    @property
+    def features(self) -> tuple[str, ...]: ...
+    @property
+    def config(self) -> Any: ...
+    @property
+    def history(self) -> list[dict[str, float]]: ...
+    @property
+    def metrics(self) -> dict[str, float]: ...
+    @property
+    def split(self) -> dict[str, Any]: ...
+
+
 def save_trained(
-    result: TrainResult,
+    result: Trained,
     directory: Path,
     *,
     version: str,
     data_description: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``result`` as an artifact whose metadata records how it was trained.
 
     ``extra["training"]`` holds the config, the metrics, the per-epoch history (rounded), the caller's
     ``data_description`` (where the series came from, time range, devices...) and the split lengths, so
-    that an artifact can be traced back to its data and compared with others.
+    that an artifact can be traced back to its data and compared with others. ``extra`` adds top-level
+    metadata keys (a windowed scorer declares itself there).
     """
     training = {
         "config": asdict(result.config),
@@ -487,5 +563,5 @@ def save_trained(
         result.features,
         result.normaliser,
         version=version,
-        extra={"training": training},
+        extra={**(extra or {}), "training": training},
     )
