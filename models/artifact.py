@@ -133,30 +133,61 @@ def save_artifact(
     return directory
 
 
-def load_artifact(directory: Path, *, expected_features: Sequence[str] | None = None, device: str = "cpu") -> Artifact:
-    """Load and verify an artifact; raises :class:`ArtifactError` with the reason."""
+def read_metadata(directory: Path) -> dict[str, Any]:
+    """The metadata of the artifact in ``directory``; raises :class:`ArtifactError` when a file is missing
+    or the metadata is not JSON."""
     directory = Path(directory)
     meta_path, weights = directory / METADATA, directory / WEIGHTS
     if not meta_path.is_file() or not weights.is_file():
         raise ArtifactError(f"{directory}: missing {METADATA} or {WEIGHTS}")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta: dict[str, Any] = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{meta_path}: not JSON: {exc}") from exc
-    if meta.get("format") != FORMAT or meta.get("model_class") != Forecaster.__name__:
-        raise ArtifactError(f"{meta_path}: unsupported format/model {meta.get('format')}/{meta.get('model_class')}")
+    return meta
+
+
+def verify_weights(directory: Path, meta: dict[str, Any], expected_features: Sequence[str] | None) -> tuple[str, ...]:
+    """Check the weights' hash and the feature set against ``meta``; returns the features."""
+    weights = Path(directory) / WEIGHTS
     digest = _sha256(weights)
     if digest != meta.get("sha256"):
         raise ArtifactError(f"{weights}: sha256 {digest[:12]} does not match metadata {str(meta.get('sha256'))[:12]}")
     features = tuple(meta["features"])
     if expected_features is not None and tuple(expected_features) != features:
         raise ArtifactError(f"feature set {list(features)} != expected {list(expected_features)}")
+    return features
+
+
+def normaliser_of(meta: dict[str, Any]) -> Normaliser:
+    norm = meta["normalisation"]
+    return Normaliser(np.asarray(norm["mean"], dtype=np.float64), np.asarray(norm["std"], dtype=np.float64))
+
+
+def load_artifact(directory: Path, *, expected_features: Sequence[str] | None = None, device: str = "cpu") -> Artifact:
+    """Load and verify a streaming forecaster's artifact; raises :class:`ArtifactError` with the reason.
+
+    A windowed scorer's artifact (metadata ``"streaming": false``, e.g. the BiLSTM autoencoder of
+    :mod:`models.autoencoder`) is refused by name: it scores a row from a window of rows around it, has
+    no state to carry from reading to reading, and so cannot be served by the streaming detector.
+    """
+    directory = Path(directory)
+    meta = read_metadata(directory)
+    meta_path, weights = directory / METADATA, directory / WEIGHTS
+    if meta.get("streaming") is False:
+        raise ArtifactError(
+            f"{directory}: {meta.get('model_class')} is a windowed, non-streaming scorer "
+            f"({meta.get('scorer', {}).get('description', 'it scores whole windows of rows')}); the streaming "
+            "detector and the worker serve only forecasters with carried state (load it with "
+            "models.autoencoder.load_autoencoder for offline scoring)"
+        )
+    if meta.get("format") != FORMAT or meta.get("model_class") != Forecaster.__name__:
+        raise ArtifactError(f"{meta_path}: unsupported format/model {meta.get('format')}/{meta.get('model_class')}")
+    features = verify_weights(directory, meta, expected_features)
     model = Forecaster(ForecasterConfig(**meta["config"]))
     try:
         model.load_state_dict(load_file(str(weights)))
     except (RuntimeError, OSError) as exc:
         raise ArtifactError(f"{weights}: cannot load weights: {exc}") from exc
     model.to(device).eval()
-    norm = meta["normalisation"]
-    normaliser = Normaliser(np.asarray(norm["mean"], dtype=np.float64), np.asarray(norm["std"], dtype=np.float64))
-    return Artifact(model, features, normaliser, str(meta["version"]), meta)
+    return Artifact(model, features, normaliser_of(meta), str(meta["version"]), meta)
