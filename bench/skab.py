@@ -27,6 +27,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -202,3 +203,30 @@ def write_results(directory: Path, f: SkabFile, anomaly: np.ndarray, changepoint
         for dt, a, c in zip(f.datetimes, np.asarray(anomaly).tolist(), np.asarray(changepoint).tolist(), strict=True):
             w.writerow([dt, int(a), int(c)])
     return path
+
+
+def summarise(files: Sequence[SkabFile], preds: Sequence[np.ndarray]) -> dict[str, Any]:
+    """SKAB's figures of per-row predictions (0 on the training rows): pooled binary metrics and
+    changepoint scores (``|diff(pred)|``) on the scored rows (``TRAIN_ROWS`` onwards), and the same on all
+    rows; the keys of ``iotad evaluate skab --json``."""
+    tr = TRAIN_ROWS
+    cps = [changepoints_from_outliers(p) for p in preds]
+    b = binary([f.anomaly[tr:] for f in files], [p[tr:] for p in preds])
+    cp = nab_changepoints([f.seconds[tr:] for f in files], [f.changepoint[tr:] for f in files], [c[tr:] for c in cps])
+    b_all = binary([f.anomaly for f in files], preds)
+    cp_all = nab_changepoints([f.seconds for f in files], [f.changepoint for f in files], cps)
+    return {
+        "f1": round(b.f1, 4),
+        "far": round(b.far, 2),
+        "mar": round(b.mar, 2),
+        "nab_standard": round(cp["Standard"], 2),
+        "nab_low_fp": round(cp["LowFP"], 2),
+        "nab_low_fn": round(cp["LowFN"], 2),
+        "counts": {"tp": b.tp, "tn": b.tn, "fp": b.fp, "fn": b.fn},
+        "all_rows": {
+            "f1": round(b_all.f1, 4),
+            "far": round(b_all.far, 2),
+            "mar": round(b_all.mar, 2),
+            "nab_standard": round(cp_all["Standard"], 2),
+        },
+    }

@@ -203,36 +203,65 @@ def replay(
 
 @app.command()
 def train(
-    out: Annotated[Path, typer.Option(help="Artifact directory to write")] = Path("models/default"),
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Artifact directory to write (default: models/default, bilstm-ae: models/bilstm-ae)"),
+    ] = None,
     source: Annotated[str, typer.Option(help="sim (simulated fleet) or a CSV path")] = "sim",
     devices: Annotated[int, typer.Option(help="sim: devices")] = 48,
     steps: Annotated[int, typer.Option(help="sim: steps per device")] = 3000,
-    cell: Annotated[str, typer.Option(help="lstm or gru")] = "lstm",
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "--cell",
+            help="lstm or gru (streaming forecasters), or bilstm-ae (a windowed, offline autoencoder scorer "
+            "that the streaming worker refuses to serve)",
+        ),
+    ] = "lstm",
     hidden: Annotated[int, typer.Option()] = 64,
     layers: Annotated[int, typer.Option()] = 2,
+    window: Annotated[int, typer.Option(help="bilstm-ae: rows per window")] = 60,
     epochs: Annotated[int, typer.Option()] = 30,
     max_batches: Annotated[int | None, typer.Option(help="Cap on batches per epoch")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     version: Annotated[str | None, typer.Option(help="Version label (default: time-based)")] = None,
 ) -> None:
-    """Train a forecaster and write a versioned artifact (weights + metadata)."""
-    from models.training import TrainConfig, save_trained
-    from models.training import train as fit
+    """Train a model and write a versioned artifact (weights + metadata)."""
     from pipeline.datasets import csv_dataset, simulator_dataset
 
+    if model not in ("lstm", "gru", "bilstm-ae"):
+        raise typer.BadParameter("--model must be lstm, gru or bilstm-ae")
     data = simulator_dataset(devices, steps, seed=seed + 1) if source == "sim" else csv_dataset(Path(source))
-    config = TrainConfig(
-        cell="gru" if cell == "gru" else "lstm",
-        hidden=hidden,
-        layers=layers,
-        max_epochs=epochs,
-        seed=seed,
-        max_batches_per_epoch=max_batches,
-    )
-    result = fit(data.series, data.features, config, mask=data.mask)
     label = version or time.strftime("v%Y%m%d-%H%M%S")
-    save_trained(result, out, version=label, data_description=data.description)
-    _print_summary(f"trained {label} -> {out}", dict(result.metrics), False)
+    metrics: dict[str, float]
+    if model == "bilstm-ae":
+        from models.autoencoder import AutoencoderTrainConfig, save_autoencoder, train_autoencoder
+
+        out = out or Path("models/bilstm-ae")  # never over the worker's default forecaster
+        ae_config = AutoencoderTrainConfig(
+            window=window, hidden=hidden, layers=layers, max_epochs=epochs, seed=seed, max_batches_per_epoch=max_batches
+        )
+        ae = train_autoencoder(data.series, data.features, ae_config, mask=data.mask)
+        save_autoencoder(ae, out, version=label, data_description=data.description)
+        metrics = ae.metrics
+    else:
+        from models.training import TrainConfig, save_trained
+        from models.training import train as fit
+
+        out = out or Path("models/default")
+        config = TrainConfig(
+            cell="gru" if model == "gru" else "lstm",
+            hidden=hidden,
+            layers=layers,
+            max_epochs=epochs,
+            seed=seed,
+            max_batches_per_epoch=max_batches,
+        )
+        result = fit(data.series, data.features, config, mask=data.mask)
+        save_trained(result, out, version=label, data_description=data.description)
+        metrics = result.metrics
+    _print_summary(f"trained {label} -> {out}", dict(metrics), False)
 
 
 @app.command()
@@ -269,13 +298,25 @@ def evaluate(
     export_skab_results: Annotated[
         Path | None, typer.Option(help="Write SKAB predictions (DIR/<folder>/<n>.csv: datetime,anomaly,changepoint)")
     ] = None,
+    scorer: Annotated[
+        str,
+        typer.Option(
+            help="streaming (the live detector's code path) or bilstm-ae (skab only: a windowed, offline "
+            "BiLSTM autoencoder scorer)"
+        ),
+    ] = "streaming",
 ) -> None:
-    """Score the detector on a public labelled benchmark (NAB or SKAB) through the streaming scoring code."""
+    """Score the detector on a public labelled benchmark (NAB or SKAB) through the streaming scoring code,
+    or SKAB with the windowed autoencoder (--scorer bilstm-ae)."""
     from bench.evaluate import DEFAULT_NAB, DEFAULT_SKAB, run_nab, run_skab, summary_table
 
     name = dataset.lower()
     if name not in ("nab", "skab"):
         raise typer.BadParameter("dataset must be nab or skab")
+    if scorer not in ("streaming", "bilstm-ae"):
+        raise typer.BadParameter("scorer must be streaming or bilstm-ae")
+    if scorer == "bilstm-ae" and name != "skab":
+        raise typer.BadParameter("--scorer bilstm-ae is evaluated on skab only")
     if name == "nab" and export_skab_results is not None:
         raise typer.BadParameter("--export-skab-results is for skab")
     if name == "skab" and export_nab_results is not None:
@@ -283,6 +324,10 @@ def evaluate(
     log = console.print
     if name == "nab":
         summary = run_nab(data or DEFAULT_NAB, out=out, export=export_nab_results, plots=plots, log=log)
+    elif scorer == "bilstm-ae":
+        from bench.evaluate_windowed import run_skab_windowed
+
+        summary = run_skab_windowed(data or DEFAULT_SKAB, out=out, export=export_skab_results, plots=plots, log=log)
     else:
         summary = run_skab(data or DEFAULT_SKAB, out=out, export=export_skab_results, plots=plots, log=log)
     console.print(summary_table(summary))

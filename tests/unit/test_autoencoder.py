@@ -1,15 +1,20 @@
 """The windowed BiLSTM autoencoder: shapes, causality of trailing windows, reproducibility, artifacts (and
-their refusal by the streaming loader)."""
+their refusal by the streaming loader), and a tiny SKAB-shaped evaluation."""
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from bench import evaluate_windowed as ew
+from bench.skab import TRAIN_ROWS
 from models.artifact import ArtifactError, load_artifact
 from models.autoencoder import (
     AutoencoderConfig,
@@ -23,6 +28,7 @@ from models.autoencoder import (
     window_starts,
 )
 from models.training import TrainConfig, save_trained, train
+from pipeline.cli import app
 
 FEATURES = ("a", "b", "c")
 TINY = AutoencoderTrainConfig(window=12, hidden=6, latent=3, batch_size=32, max_epochs=2, patience=2)
@@ -123,3 +129,79 @@ def test_artifact_round_trip_and_the_streaming_loader_refuses_it(trained, tmp_pa
     save_trained(forecaster, tmp_path / "lstm", version="f-1", data_description={})
     with pytest.raises(ArtifactError, match="not a BiLstmAutoencoder"):
         load_autoencoder(tmp_path / "lstm")
+
+
+def _skab_like(root: Path) -> Path:
+    """An anomaly-free file and two labelled files in SKAB's layout (semicolons, 1 s rows)."""
+    rng = np.random.default_rng(0)
+
+    def write(path: Path, values: np.ndarray, anomaly: np.ndarray | None) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stamps = np.datetime64("2020-03-09T10:00:00") + np.arange(len(values)).astype("timedelta64[s]")
+        with path.open("w", newline="") as fh:
+            w = csv.writer(fh, delimiter=";")
+            w.writerow(["datetime", *FEATURES, *(["anomaly", "changepoint"] if anomaly is not None else [])])
+            for i, (ts, row) in enumerate(zip(stamps, values, strict=True)):
+                labels = [] if anomaly is None else [int(anomaly[i]), int(np.diff(anomaly, prepend=0)[i] != 0)]
+                w.writerow([str(ts).replace("T", " "), *row.tolist(), *labels])
+
+    write(root / "data" / "anomaly-free" / "anomaly-free.csv", series(1, 600, seed=10)[0], None)
+    for n in range(2):
+        x = series(1, 640, seed=20 + n)[0]
+        anomaly = np.zeros(640, np.int64)
+        anomaly[480:560] = 1
+        x[480:560, 0] += 4.0 * rng.standard_normal(80)  # a burst of vibration
+        write(root / "data" / "valve1" / f"{n}.csv", x, anomaly)
+    return root
+
+
+def test_windowed_skab_evaluation_smoke(tmp_path, monkeypatch):
+    data = _skab_like(tmp_path / "skab")
+    tiny = ew.WindowedSkabConfig(model=replace(TINY, max_epochs=3, batch_size=64, max_batches_per_epoch=6))
+    monkeypatch.setattr(ew, "WindowedSkabConfig", lambda: tiny)  # the CLI runs the default configuration
+    out, res = tmp_path / "out", tmp_path / "res"
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "skab",
+            "--scorer",
+            "bilstm-ae",
+            "--data",
+            str(data),
+            "--json",
+            "--out",
+            str(out),
+            "--no-plots",
+            "--export-skab-results",
+            str(res),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["dataset"] == "skab" and summary["scorer"] == "bilstm-ae" and summary["files"] == 2
+    for key in ("f1", "far", "mar", "nab_standard", "nab_low_fp", "nab_low_fn", "counts", "all_rows"):
+        assert key in summary
+    assert summary["counts"]["tp"] > 0  # the noise burst changes the window shape
+    rows = list(csv.reader((res / "valve1" / "0.csv").open()))
+    assert rows[0] == ["datetime", "anomaly", "changepoint"] and len(rows) == 641
+    pred = np.array([int(r[1]) for r in rows[1:]])
+    assert (pred[:TRAIN_ROWS] == 0).all()
+    assert (out / "skab-bilstm-ae-model" / "model.safetensors").is_file()
+    assert (out / "skab-bilstm-ae.json").is_file()
+
+
+@pytest.mark.parametrize("args", [["nab", "--scorer", "bilstm-ae"], ["skab", "--scorer", "transformer"]])
+def test_evaluate_refuses_a_scorer_it_does_not_have(args):
+    assert CliRunner().invoke(app, ["evaluate", *args]).exit_code != 0
+
+
+def test_train_cli_writes_a_windowed_artifact(tmp_path):
+    out = tmp_path / "ae"
+    args = ["train", "--model", "bilstm-ae", "--devices", "2", "--steps", "300", "--epochs", "1", "--hidden", "4"]
+    result = CliRunner().invoke(app, [*args, "--layers", "1", "--window", "10", "--out", str(out), "--version", "t"])
+    assert result.exit_code == 0, result.output
+    assert load_autoencoder(out).model.config.window == 10
+    with pytest.raises(ArtifactError, match="non-streaming"):
+        load_artifact(out)
+    assert CliRunner().invoke(app, ["train", "--model", "transformer", "--out", str(tmp_path / "x")]).exit_code != 0
