@@ -338,6 +338,7 @@ class AnomalyLikelihood:
         self.estimate_n = np.zeros(0, np.int64)
         self.lo = np.zeros((0, 0))  # spatial range, (N, F) once the feature count is known
         self.hi = np.zeros((0, 0))
+        self.spatial_hit = np.zeros(0, bool)  # the last step's rows reported as spatial hits (B,)
 
     @property
     def capacity(self) -> int:
@@ -387,6 +388,12 @@ class AnomalyLikelihood:
         """Slots past their probation (scoring)."""
         return self.count[slots] >= self.estimate_n[slots]
 
+    @property
+    def repeat_score(self) -> float:
+        """What a suppressed repeat of an event reports: the score of a ``yellow`` tail."""
+        lt = np.array(math.log10(self.yellow))
+        return float(log_likelihood(10.0**lt) if self.scale == "htm" else tail_score(lt))
+
     def _spatial(self, slots: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
         if self.lo.shape[1] != x.shape[1]:
             self.lo = np.full((self.capacity, x.shape[1]), np.nan)
@@ -424,10 +431,12 @@ class AnomalyLikelihood:
         else:
             score = np.where(ready, tail_score(lt), tail_score(np.array(math.log10(0.5))))
         spatial = np.zeros(len(slots), bool)
+        self.spatial_hit = spatial
         if self.spatial_tolerance is not None:
             spatial = self._spatial(slots, x, seen) & ready
             hit = spatial & ~recent if self.suppress and self.suppress_steps > 1 else spatial
             score = np.where(hit, 1.0, score)
+            self.spatial_hit = hit & seen
         score = np.where(seen, score, 0.0)
         s = slots[seen]
         buf[rows, pos] = r
@@ -488,9 +497,13 @@ class LikelihoodThreshold(Threshold):
     spread member is not in that max: its score has its own :class:`AnomalyLikelihood` (fed once the
     spread's reference is set) and the reported score is the larger of the two likelihoods; with
     ``shared_suppression`` the two share their "steps since the last red/spatial step" state, so an
-    event reported by one is not reported again by the other within ``suppress_steps``. The detector
-    reports the likelihood as the step's score. Flagged steps are not learnt by the likelihood distribution (nor by
-    the ensemble's levels) unless the scoring config lets anomalies be learnt.
+    event reported by one is not reported again by the other within ``suppress_steps``. With
+    ``recurrence`` (a :class:`DailyRecurrence`, which needs the step's ``context``), an event (a red or
+    spatial step of either likelihood) at a time of day that held one on most of the previous days is the
+    series' daily pattern (a daily job's spike), not news: it reports as a repeat, unless it is a spatial
+    hit (a value beyond the whole range seen so far is news whenever it comes). The detector reports
+    the likelihood as the step's score. Flagged steps are not learnt by the likelihood distribution (nor
+    by the ensemble's levels) unless the scoring config lets anomalies be learnt.
     """
 
     name = "likelihood"
@@ -504,6 +517,7 @@ class LikelihoodThreshold(Threshold):
         spread: SpreadDeviation | None = None,
         spread_likelihood: AnomalyLikelihood | None = None,
         shared_suppression: bool = False,
+        recurrence: DailyRecurrence | None = None,
     ) -> None:
         self.likelihood = likelihood or AnomalyLikelihood()
         self.value = value
@@ -516,6 +530,7 @@ class LikelihoodThreshold(Threshold):
             raise ValueError("spread_likelihood needs a spread member")
         self.spread_likelihood = spread_likelihood
         self.shared_suppression = shared_suppression
+        self.recurrence = recurrence  # optional: events that recur at the same time every day report as repeats
         self._spread_rows = np.zeros(0, bool)  # rows the spread likelihood saw this step (transform -> update)
 
     def context_of(self, ts_ms: np.ndarray) -> np.ndarray | None:
@@ -523,13 +538,13 @@ class LikelihoodThreshold(Threshold):
 
     def grow(self, capacity: int) -> None:
         self.likelihood.grow(capacity)
-        for member in (self.reference, self.seasonal, self.spread, self.spread_likelihood):
+        for member in (self.reference, self.seasonal, self.spread, self.spread_likelihood, self.recurrence):
             if member is not None:
                 member.grow(capacity)
 
     def reset(self, slots: np.ndarray) -> None:
         self.likelihood.reset(slots)
-        for member in (self.reference, self.seasonal, self.spread, self.spread_likelihood):
+        for member in (self.reference, self.seasonal, self.spread, self.spread_likelihood, self.recurrence):
             if member is not None:
                 member.reset(slots)
 
@@ -540,10 +555,10 @@ class LikelihoodThreshold(Threshold):
         self, slots: np.ndarray, scores: np.ndarray, x: np.ndarray, seen: np.ndarray, context: np.ndarray | None = None
     ) -> np.ndarray:
         scores = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0)
+        bins = np.full(len(slots), -1, np.int64) if context is None else np.asarray(context, np.int64)
         if self.reference is not None:
             scores = np.maximum(scores, self.reference.step(slots, x, seen))
         if self.seasonal is not None:
-            bins = np.full(len(slots), -1, np.int64) if context is None else np.asarray(context, np.int64)
             scores = np.maximum(scores, self.seasonal.step(slots, x, seen, bins))
         spread = None if self.spread is None else self.spread.step(slots, x, seen)
         if spread is not None and self.spread_likelihood is None:
@@ -557,6 +572,15 @@ class LikelihoodThreshold(Threshold):
                 since = np.minimum(self.likelihood.since[s], self.spread_likelihood.since[s])
                 self.likelihood.since[s] = since
                 self.spread_likelihood.since[s] = since
+        if self.recurrence is not None:
+            event = self.likelihood.since[slots] == 0  # a red or spatial step now (see AnomalyLikelihood.step)
+            if self.spread_likelihood is not None and len(self._spread_rows) == len(slots):
+                event |= self._spread_rows & (self.spread_likelihood.since[slots] == 0)
+            recurs = self.recurrence.step(slots, bins, seen, seen & event)
+            # a value beyond the whole range seen so far is news whenever it comes: the earlier days'
+            # events were within that range
+            recurs &= ~self.likelihood.spatial_hit
+            out = np.where(recurs, np.minimum(out, self.likelihood.repeat_score), out)
         return out
 
     def update(self, slots: np.ndarray, scores: np.ndarray, learn: np.ndarray) -> None:
@@ -568,6 +592,21 @@ class LikelihoodThreshold(Threshold):
                 member.update(slots, learn)
 
     def export(self, slot: int) -> list[float]:
+        state = self._export_members(slot)
+        if self.recurrence is None:
+            return state
+        return [float(len(state)), *state, *self.recurrence.export(slot)]
+
+    def restore(self, slot: int, state: list[float]) -> None:
+        if self.recurrence is not None:
+            k = int(state[0]) if state else -1
+            if len(state) == 1 + k + self.recurrence.state_size:
+                self.recurrence.restore(slot, state[1 + k :])
+                state = state[1 : 1 + k]
+            # else: a state saved without the recurrence member, whose memory of events starts afresh
+        self._restore_members(slot, state)
+
+    def _export_members(self, slot: int) -> list[float]:
         if self.spread_likelihood is not None:  # [n, own.., n, ref.., n, seasonal.., n, spread.., spread lik..]
             parts = [self.likelihood.export(slot)]
             parts += [m.export(slot) if m is not None else [] for m in (self.reference, self.seasonal, self.spread)]
@@ -584,7 +623,7 @@ class LikelihoodThreshold(Threshold):
             return [float(len(own)), *own, *ref]
         return [float(len(own)), *own, float(len(ref)), *ref, *self.seasonal.export(slot)]
 
-    def restore(self, slot: int, state: list[float]) -> None:
+    def _restore_members(self, slot: int, state: list[float]) -> None:
         if self.spread_likelihood is not None and self.spread is not None:
             rest = list(state)
             for part in (self.likelihood, self.reference, self.seasonal):
@@ -1073,6 +1112,102 @@ class WeeklySeasonalDeviation:
             self.daily.restore(slot, state[1 + k :])
 
 
+class DailyRecurrence:
+    """Per-slot memory of *when* events happened, to tell a new event from one that recurs at the same time
+    every day (a daily job's spike), batched and causal.
+
+    A max-ensemble cannot learn such a spike away: each occurrence is flagged, so no member learns it, and
+    it is reported day after day. The clock is each step's context bin, the hour of the day or of the week
+    as the seasonal members get it (``cycle`` bins, ``per_day`` of them a day): the hours elapsed since a
+    slot's previous step are the difference of their bins modulo the cycle (a gap of a whole cycle is not
+    seen), and a step with an unknown bin (-1) neither moves the clock nor records. Per slot, a ring of
+    ``(lookback + 1) x per_day`` flags records the hours that held an event. An event *recurs* when at least
+    ``days`` of the ``lookback`` previous days held one within ``tolerance`` hours of the same time (a daily
+    job's start jitters, and an hour boundary can fall inside the jitter). One coincidence a day earlier is
+    not yet a pattern, hence 2 days; and once a daily spike is no longer reported its members learn it, so
+    on some days it falls just short of the red level: 2 of the last 3 days keep the pattern through such a
+    day. Memory: ``(lookback + 1) x per_day`` flags and 2 ints per slot.
+    """
+
+    def __init__(
+        self, *, per_day: int = 24, cycle: int = 168, days: int = 2, lookback: int = 3, tolerance: int = 1
+    ) -> None:
+        if (
+            per_day < 1
+            or cycle < per_day
+            or cycle % per_day
+            or not 1 <= days <= lookback
+            or not 0 <= tolerance < per_day
+        ):
+            raise ValueError(
+                "per_day >= 1, cycle a multiple of per_day, 1 <= days <= lookback, 0 <= tolerance < per_day"
+            )
+        self.per_day, self.cycle, self.tolerance = per_day, cycle, tolerance
+        self.days, self.lookback = days, lookback
+        # ring length: the oldest hour looked at is lookback x per_day + tolerance ago
+        self.hours = (lookback + 1) * per_day
+        self.clock = np.zeros(0, np.int64)  # hours since the slot's first known bin
+        self.prev = np.zeros(0, np.int64)  # the slot's last known bin (-1: none yet)
+        self.ring = np.zeros((0, self.hours), bool)  # ring[s, h % hours]: hour h of slot s held an event
+
+    @property
+    def capacity(self) -> int:
+        return len(self.clock)
+
+    @property
+    def state_size(self) -> int:
+        """Length of :meth:`export`'s state."""
+        return 2 + self.hours
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - self.capacity
+        if extra <= 0:
+            return
+        self.clock = np.concatenate([self.clock, np.zeros(extra, np.int64)])
+        self.prev = np.concatenate([self.prev, np.full(extra, -1, np.int64)])
+        self.ring = np.concatenate([self.ring, np.zeros((extra, self.hours), bool)])
+
+    def reset(self, slots: np.ndarray) -> None:
+        self.clock[slots] = 0
+        self.prev[slots] = -1
+        self.ring[slots] = False
+
+    def step(self, slots: np.ndarray, bins: np.ndarray, seen: np.ndarray, event: np.ndarray) -> np.ndarray:
+        """Move the clocks of the ``seen`` rows with a known bin to it and record their ``event`` ``(B,)``;
+        returns the rows whose event recurs ``(B,)`` (judged on the previous days only)."""
+        b = np.asarray(bins, np.int64)
+        rows = seen & (b >= 0) & (b < self.cycle)
+        s, bs = slots[rows], b[rows]
+        prev = self.prev[s]
+        elapsed = np.where(prev >= 0, (bs - prev) % self.cycle, 0)
+        # the hours passed since the previous step held no event (their flags are from a ring ago)
+        ahead = np.arange(1, self.hours + 1)
+        passed = (self.clock[s][:, None] + ahead) % self.hours
+        self.ring[s[:, None], passed] &= ahead[None, :] > elapsed[:, None]
+        clock = self.clock[s] + elapsed
+        self.clock[s], self.prev[s] = clock, bs
+        near = np.arange(-self.tolerance, self.tolerance + 1)
+        held = np.zeros(len(s), np.int64)  # previous days with an event at this time
+        for day in range(1, self.lookback + 1):
+            hours = (clock[:, None] - day * self.per_day + near) % self.hours
+            held += self.ring[s[:, None], hours].any(axis=1)
+        recurs = held >= self.days
+        ev = np.asarray(event, bool)[rows]
+        self.ring[s[ev], clock[ev] % self.hours] = True
+        out = np.zeros(len(slots), bool)
+        out[rows] = recurs & ev
+        return out
+
+    def export(self, slot: int) -> list[float]:
+        return [float(self.clock[slot]), float(self.prev[slot]), *self.ring[slot].astype(np.float64).tolist()]
+
+    def restore(self, slot: int, state: list[float]) -> None:
+        if len(state) != self.state_size:
+            return
+        self.clock[slot], self.prev[slot] = int(state[0]), int(state[1])
+        self.ring[slot] = np.asarray(state[2:]) > 0.5
+
+
 class CalibratedThreshold(Threshold):
     """Per-slot threshold set once from the slot's own calibration period, SKAB's convention for its
     baselines: ``margin`` x the ``quantile`` of the scores of the last ``calibration_steps`` steps of the
@@ -1226,10 +1361,11 @@ class CalibratedThreshold(Threshold):
 class EnsembleConfig:
     """The likelihood ensemble: the forecaster's error z together (max) with a reference deviation of the
     inputs and a seasonal (hour-of-day/-week) deviation, turned into an HTM-style anomaly likelihood, and
-    a noise-level change with a likelihood of its own (the reported score: the larger of the two).
-    ``IOTAD_THRESHOLD_METHOD=ensemble`` in the worker and ``iotad evaluate nab`` build
-    it from here. The likelihood parameters follow Numenta's HTM detector (moving average of 10, Gaussian
-    tail, red/yellow suppression, log scaling, 5 % spatial tolerance)."""
+    a noise-level change with a likelihood of its own (the reported score: the larger of the two); events
+    that recur at the same time every day report as repeats. ``IOTAD_THRESHOLD_METHOD=ensemble`` in the
+    worker and ``iotad evaluate nab`` build it from here. The likelihood parameters follow Numenta's HTM
+    detector (moving average of 10, Gaussian tail, red/yellow suppression, log scaling, 5 % spatial
+    tolerance)."""
 
     window: int = 10
     estimation_steps: int = 100
@@ -1266,6 +1402,10 @@ class EnsembleConfig:
     # previous one of either is a repeat of the same event (the noise level moves after a spike or a shift
     # the other members already reported).
     shared_suppression: bool = True
+    # An event (a red or spatial step of either likelihood) at the time of day (+-1 hour) that held one on
+    # 2 of the 3 previous days is the series' daily pattern (a daily job's spike), reported as a repeat
+    # unless it is a spatial hit (DailyRecurrence, clocked by the seasonal context).
+    daily_recurrence: bool = True
 
 
 def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThreshold:
@@ -1312,7 +1452,12 @@ def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThre
             learn_red=cfg.learn_red,
             scale=cfg.scale,
         )
-    return LikelihoodThreshold(lik, cfg.flag_value, ref, seasonal, spread, spread_lik, cfg.shared_suppression)
+    recurrence = None
+    if cfg.seasonal and cfg.daily_recurrence:
+        recurrence = DailyRecurrence(per_day=cfg.seasonal_bins, cycle=cfg.seasonal_bins * (7 if cfg.weekly else 1))
+    return LikelihoodThreshold(
+        lik, cfg.flag_value, ref, seasonal, spread, spread_lik, cfg.shared_suppression, recurrence
+    )
 
 
 def seasonal_bin(ts_s: np.ndarray, bins: int = 24, weekly: bool = True) -> np.ndarray:
