@@ -1374,9 +1374,12 @@ class EnsembleConfig:
     cap: float | None = None
     spatial_tolerance: float | None = 0.05
     suppress: bool = True
-    # Red (or spatial) steps within ``window`` steps of the previous one are repeats of the same event
-    # (they share raw scores in the moving average): reported as yellow.
-    suppress_steps: int | None = None  # None: ``window``
+    # Red (or spatial) steps within ``suppress_steps`` of the previous one are repeats of the same event,
+    # reported as yellow. None: as long as the likelihood's moving average still holds the event's inputs:
+    # ``window`` raw scores, each from members that smooth their inputs over their span (86 % of an EWMA's
+    # weight lies within its span): window + reference_span for the likelihood of the forecast error,
+    # reference and seasonal members, window + spread_span for the spread member's.
+    suppress_steps: int | None = None
     learn_red: bool = True
     scale: str = "tail"
     flag_value: float = 0.5
@@ -1394,6 +1397,7 @@ class EnsembleConfig:
     # EWMA, spikes clipped at 3x the spread) vs its prefix reference, which neither the level nor the
     # one-step error shows for long (a metric that starts to oscillate, usual spikes that stop).
     spread: bool = True
+    spread_span: int = 30
     # The spread member judged by its own AnomalyLikelihood (its own distribution of averages, fed once the
     # spread's reference is set; no spatial check) and reported as the max of the two likelihoods, instead
     # of inside the raw max, where the other members' noise on the same series hides it.
@@ -1409,6 +1413,7 @@ class EnsembleConfig:
 
 
 def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThreshold:
+    smoothed = int(cfg.reference_span) if cfg.reference or cfg.seasonal else 0  # (the forecast error is not)
     lik = AnomalyLikelihood(
         window=cfg.window,
         estimation_steps=cfg.estimation_steps,
@@ -1416,7 +1421,7 @@ def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThre
         min_std=cfg.min_std,
         cap=cfg.cap,
         suppress=cfg.suppress,
-        suppress_steps=cfg.window if cfg.suppress_steps is None else cfg.suppress_steps,
+        suppress_steps=cfg.window + smoothed if cfg.suppress_steps is None else cfg.suppress_steps,
         spatial_tolerance=cfg.spatial_tolerance,
         learn_red=cfg.learn_red,
         scale=cfg.scale,
@@ -1437,7 +1442,7 @@ def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThre
     elif cfg.seasonal:
         seasonal = SeasonalDeviation(bins=cfg.seasonal_bins, span=cfg.reference_span)
     # warm-up 30 + reference 100 seen steps: set within the shortest NAB prefix (186 rows; seen from row 36)
-    spread = SpreadDeviation(span=30, skip_steps=30, reference_steps=100) if cfg.spread else None
+    spread = SpreadDeviation(span=cfg.spread_span, skip_steps=30, reference_steps=100) if cfg.spread else None
     spread_lik = None
     if spread is not None and cfg.spread_likelihood:
         spread_lik = AnomalyLikelihood(
@@ -1447,7 +1452,7 @@ def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThre
             min_std=cfg.min_std,
             cap=cfg.cap,
             suppress=cfg.suppress,
-            suppress_steps=cfg.window if cfg.suppress_steps is None else cfg.suppress_steps,
+            suppress_steps=cfg.window + cfg.spread_span if cfg.suppress_steps is None else cfg.suppress_steps,
             spatial_tolerance=None,
             learn_red=cfg.learn_red,
             scale=cfg.scale,
