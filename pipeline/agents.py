@@ -355,18 +355,6 @@ class ScoringService:
         await write_checkpoints(self.c.app, self.c.table, records)
 
 
-def set_fetch_max_wait(app: faust.App, ms: int) -> None:
-    """How long the broker may hold a fetch that has no data yet. Faust builds its consumer with a fixed
-    1,500 ms, which Tansu 0.6 answers ~380 ms after new data arrives (7 ms with 500 ms); Kafka answers as
-    soon as data arrives either way. aiokafka reads the value per fetch request, so it can be set on the
-    live consumer."""
-    fetcher = getattr(getattr(getattr(app.consumer, "_thread", None), "_consumer", None), "_fetcher", None)
-    if fetcher is not None and hasattr(fetcher, "_fetch_max_wait_ms"):
-        fetcher._fetch_max_wait_ms = ms
-    else:
-        log.warning("cannot set the consumer's fetch_max_wait_ms (Faust internals changed): it stays at Faust's")
-
-
 def register(comp: Components) -> ScoringService:
     svc = ScoringService(comp)
     s = comp.settings
@@ -397,7 +385,6 @@ def register(comp: Components) -> ScoringService:
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode's signal stubs reject async
     async def on_assigned(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         assigned: set[TP] = args[0] if args else kwargs.get("assigned", set())
-        set_fetch_max_wait(app, s.kafka_fetch_max_wait_ms)
         parts = {tp.partition for tp in assigned if tp.topic == svc.readings_topic}
         comp.metrics.assigned.set(len(parts))
         await svc.on_assigned(parts)

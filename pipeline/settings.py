@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     min_timestamp_ms: int = Field(946_684_800_000, description="Readings older than this are rejected")
 
     kafka_fetch_max_wait_ms: int = Field(
-        500, ge=1, description="Longest the broker may hold the worker's fetch when no data is waiting"
+        100, ge=1, description="Longest the broker may hold a worker's fetch when no data is waiting"
     )
 
     # Batching

@@ -370,6 +370,8 @@ def test_alerter_restart_recovers_lifecycle_state(tmp_path: Path, receivers: Rec
     # later: they are skipped as not newer than the devices' checkpoints).
     loads = [line for line in second.log_path.read_text().splitlines() if "alert state loaded" in line]
     assert loads and "alert state loaded: 10 devices" in loads[0]
+    # The alerter's consumer got the configured fetch wait too (Tansu holds a fetch for part of it).
+    assert f"consumer fetch_max_wait_ms = {s.kafka_fetch_max_wait_ms}" in second.log_path.read_text()
     # At-least-once: when the dead member's session expires the group rebalances, and records not yet
     # committed may be delivered again: always the same event, same dedup key, same content.
     got: dict[str, dict] = {}

@@ -120,6 +120,7 @@ def test_fleet_end_to_end(tmp_path: Path) -> None:
     assert metrics["iotad_devices_tracked"] == 24
     # The worker could set its consumer's fetch wait (Faust internals; IOTAD_KAFKA_FETCH_MAX_WAIT_MS).
     assert "cannot set the consumer's fetch_max_wait_ms" not in worker_log
+    assert f"consumer fetch_max_wait_ms = {s.kafka_fetch_max_wait_ms}" in worker_log
 
 
 def test_worker_killed_mid_stream_resumes_state_exactly(tmp_path: Path) -> None:
