@@ -55,7 +55,7 @@ from connectors.kafka_admin import read_all
 from connectors.simulator import MALFORMED_KINDS, FleetSimulator, aligned_now_ms, malformed
 from pipeline.schema import encode_reading
 from pipeline.settings import Settings
-from pipeline.stack import PipelineStack, WorkerProcess
+from pipeline.stack import BUSY_POLL_S, IDLE_POLL_S, PipelineStack, WorkerProcess
 
 EXTRA_KINDS = ("late_duplicate", "late_out_of_order", "clock_skew")
 ALL_KINDS = (*MALFORMED_KINDS, *EXTRA_KINDS)
@@ -243,7 +243,7 @@ def _drain(stack: PipelineStack, expected_scored: int, expected_dead: int, resul
     t0: float | None = None
     deadline = time.monotonic() + timeout_s
     scored = dead = 0.0
-    last_consumed, last_progress, last_sample = -1.0, time.perf_counter(), 0.0
+    last_consumed, last_progress, last_sample = -1.0, time.time(), 0.0
     cpu0 = {w.pid: _cpu_s(w.pid) for w in stack.procs}
     while time.monotonic() < deadline:
         live = [w for w in stack.procs if w.proc is not None and w.proc.poll() is None]
@@ -254,12 +254,21 @@ def _drain(stack: PipelineStack, expected_scored: int, expected_dead: int, resul
             stack.add_worker()
             continue
         w = live[-1]
-        consumed = w.metric("iotad_messages_consumed_total")
-        now = time.perf_counter()
+        m = w.metric_values(
+            "iotad_messages_consumed_total",
+            "iotad_readings_scored_total",
+            "iotad_dead_letters_total",
+            "iotad_last_output_timestamp_seconds",
+            "iotad_batch_messages_count",
+        )
+        consumed, scored, dead = (
+            m["iotad_messages_consumed_total"],
+            m["iotad_readings_scored_total"],
+            m["iotad_dead_letters_total"],
+        )
+        now = time.time()
         if t0 is None and consumed > 0:
             t0 = now
-        scored = w.metric("iotad_readings_scored_total")
-        dead = w.metric("iotad_dead_letters_total")
         if t0 is not None:
             if consumed != last_consumed:
                 last_consumed, last_progress = consumed, now
@@ -269,12 +278,12 @@ def _drain(stack: PipelineStack, expected_scored: int, expected_dead: int, resul
                 last_sample += 0.5
         if scored >= expected_scored and dead >= expected_dead:
             result.worker_cpu_s = round(sum(_cpu_s(w.pid) - cpu0.get(w.pid, 0.0) for w in stack.procs), 2)
-            result.micro_batches = w.metric("iotad_batch_messages_count")
-            result.drain_s = now - (t0 or now)
+            result.micro_batches = m["iotad_batch_messages_count"]
+            result.drain_s = m["iotad_last_output_timestamp_seconds"] - (t0 or now)
             result.scored = scored
             result.readings_per_s = expected_scored / result.drain_s if result.drain_s > 0 else 0.0
             return
-        time.sleep(0.1)
+        time.sleep(IDLE_POLL_S if t0 is None else BUSY_POLL_S)
     result.timed_out = True
     result.scored = scored
 

@@ -38,7 +38,7 @@ from pipeline.app import build_detector, build_processor
 from pipeline.processor import Inbound
 from pipeline.schema import encode_envelope, encode_reading
 from pipeline.settings import Settings
-from pipeline.stack import PipelineStack
+from pipeline.stack import BUSY_POLL_S, IDLE_POLL_S, PipelineStack
 
 
 def _preload(bootstrap: str, topic: str, n_devices: int, steps: int, envelope: int, step_ms: int) -> int:
@@ -69,19 +69,21 @@ def _preload(bootstrap: str, topic: str, n_devices: int, steps: int, envelope: i
 
 
 def _drain_rate(stack: PipelineStack, expected: int, timeout_s: float) -> float:
+    """Readings/s from the worker's first consumed message (polled) to its last output (its own timestamp)."""
     worker = stack.procs[0]
     t0 = None
     deadline = time.monotonic() + timeout_s
     scored = 0.0
     while time.monotonic() < deadline:
-        consumed = worker.metric("iotad_messages_consumed_total")
-        now = time.perf_counter()
-        if t0 is None and consumed > 0:
-            t0 = now
-        scored = worker.metric("iotad_readings_scored_total")
-        if scored >= expected:
-            return scored / (now - (t0 or now) or 1e-9)
-        time.sleep(0.1)
+        m = worker.metric_values(
+            "iotad_messages_consumed_total", "iotad_readings_scored_total", "iotad_last_output_timestamp_seconds"
+        )
+        if t0 is None and m["iotad_messages_consumed_total"] > 0:
+            t0 = time.time()
+        scored = m["iotad_readings_scored_total"]
+        if t0 is not None and scored >= expected:
+            return scored / max(m["iotad_last_output_timestamp_seconds"] - t0, 1e-9)
+        time.sleep(IDLE_POLL_S if t0 is None else BUSY_POLL_S)
     raise TimeoutError(f"Faust worker scored {scored} of {expected} in {timeout_s}s")
 
 

@@ -269,6 +269,8 @@ class ScoringService:
             m.rewarmed.inc(res.rewarmed)
             m.rewarm_seconds.observe(res.rewarm_s)
         m.devices.set(len(self.c.processor.devices))
+        if res.scores or res.dead:
+            m.last_output.set(time.time())
 
     def _aio(self) -> AIOKafkaProducer:
         # Faust's Kafka producer wraps one aiokafka producer; its batch API is what we need here.

@@ -50,6 +50,12 @@ class Metrics:
         self.sink_errors = Counter("iotad_sink_errors", "Failed sink write attempts", ["sink"], registry=r)
         self.sink_retries = Counter("iotad_sink_retries", "Sink write retries", ["sink"], registry=r)
         self.devices = Gauge("iotad_devices_tracked", "Devices with state in this worker", registry=r)
+        # Staleness: alert when time() minus this grows while readings keep arriving.
+        self.last_output = Gauge(
+            "iotad_last_output_timestamp_seconds",
+            "Wall time of the latest micro-batch whose outputs (scores, dead letters) were written",
+            registry=r,
+        )
         self.assigned = Gauge("iotad_assigned_partitions", "Readings partitions assigned to this worker", registry=r)
         self.model_info = Gauge("iotad_model_info", "Model version being served (value 1)", ["version"], registry=r)
         self.shadow_info = Gauge(

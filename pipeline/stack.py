@@ -22,6 +22,11 @@ from connectors.localstack import LocalStack, free_port, new_run_dir
 from pipeline.settings import Settings
 from pipeline.settings_files import secret_fields, secret_files_env
 
+# Pollers of a busy worker: every scrape renders all metrics on the worker's CPU, so measure idle workers
+# often (to catch the first message) and busy ones rarely, end times from the worker's own timestamps.
+IDLE_POLL_S = 0.1
+BUSY_POLL_S = 0.5
+
 
 def metric_value(text: str, name: str) -> float:
     """Sum of all samples of ``name`` (any labels) in a Prometheus text exposition."""
@@ -65,10 +70,15 @@ class WorkerProcess:
             return str(r.read().decode())
 
     def metric(self, name: str) -> float:
+        return self.metric_values(name)[name]
+
+    def metric_values(self, *names: str) -> dict[str, float]:
+        """Several metrics from ONE scrape (a scrape costs the worker CPU: pollers should not multiply it)."""
         try:
-            return metric_value(self.metrics(), name)
+            text = self.metrics()
         except OSError:
-            return float("nan")
+            return dict.fromkeys(names, float("nan"))
+        return {name: metric_value(text, name) for name in names}
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Until the worker has partitions assigned (its consumer joined the group)."""

@@ -77,16 +77,15 @@ def test_fleet_end_to_end(tmp_path: Path) -> None:
         points = count_points(stack.influx_url, s.influx_database, s.influx_measurement, field="threshold")
         worker = stack.procs[0]
         worker_log = worker.log_path.read_text(errors="replace")
-        metrics = {
-            m: worker.metric(m)
-            for m in (
-                "iotad_readings_scored_total",
-                "iotad_dead_letters_total",
-                "iotad_late_readings_total",
-                "iotad_anomalies_total",
-                "iotad_devices_tracked",
-            )
-        }
+        metrics = worker.metric_values(
+            "iotad_readings_scored_total",
+            "iotad_dead_letters_total",
+            "iotad_late_readings_total",
+            "iotad_anomalies_total",
+            "iotad_devices_tracked",
+            "iotad_last_output_timestamp_seconds",
+        )
+        scraped_at = time.time()
 
     # Each valid on-time reading -> exactly one score and one InfluxDB point.
     keys = Counter((x["device_id"], x["ts"]) for x in scores)
@@ -118,6 +117,8 @@ def test_fleet_end_to_end(tmp_path: Path) -> None:
     assert metrics["iotad_late_readings_total"] == stats.late_sent
     assert metrics["iotad_anomalies_total"] == sum(x["is_anomaly"] for x in scores)
     assert metrics["iotad_devices_tracked"] == 24
+    # The staleness gauge is the wall time of the last written outputs: the worker was idle after them.
+    assert scraped_at - 60 < metrics["iotad_last_output_timestamp_seconds"] <= scraped_at
     # The worker could set its consumer's fetch wait (Faust internals; IOTAD_KAFKA_FETCH_MAX_WAIT_MS).
     assert "cannot set the consumer's fetch_max_wait_ms" not in worker_log
     assert f"consumer fetch_max_wait_ms = {s.kafka_fetch_max_wait_ms}" in worker_log
