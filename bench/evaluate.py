@@ -427,40 +427,21 @@ def run_skab(
     det = Detector(artifact, scoring, skab_threshold(cfg, len(sensors)), device="cpu", capacity=len(files))
     streamed = stream(det, z, [f.name for f in files])
     log(f"streamed {streamed.steps} batched steps in {streamed.seconds:.1f}s")
-    preds, cps = [], []
+    preds = []
     for fl in streamed.flag:
         p = fl.astype(np.int64)
         p[:tr] = 0
         preds.append(p)
-        cps.append(skabdata.changepoints_from_outliers(p))
-    b = skabdata.binary([f.anomaly[tr:] for f in files], [p[tr:] for p in preds])
-    cp = skabdata.nab_changepoints(
-        [f.seconds[tr:] for f in files], [f.changepoint[tr:] for f in files], [c[tr:] for c in cps]
-    )
-    cp_all = skabdata.nab_changepoints([f.seconds for f in files], [f.changepoint for f in files], cps)
-    b_all = skabdata.binary([f.anomaly for f in files], preds)
     if export is not None:
-        for f, p, c in zip(files, preds, cps, strict=True):
-            skabdata.write_results(Path(export), f, p, c)
+        for f, p in zip(files, preds, strict=True):
+            skabdata.write_results(Path(export), f, p, skabdata.changepoints_from_outliers(p))
     if out_dir is not None and plots:
         for f, x, sc, th, p in zip(files, z, streamed.score, streamed.threshold, preds, strict=True):
             _plot_skab(out_dir / "skab" / f"{f.name.replace('/', '__')}.png", f, sensors, x, sc, th, p)
     summary: dict[str, Any] = {
         "dataset": "skab",
         "files": len(files),
-        "f1": round(b.f1, 4),
-        "far": round(b.far, 2),
-        "mar": round(b.mar, 2),
-        "nab_standard": round(cp["Standard"], 2),
-        "nab_low_fp": round(cp["LowFP"], 2),
-        "nab_low_fn": round(cp["LowFN"], 2),
-        "counts": {"tp": b.tp, "tn": b.tn, "fp": b.fp, "fn": b.fn},
-        "all_rows": {
-            "f1": round(b_all.f1, 4),
-            "far": round(b_all.far, 2),
-            "mar": round(b_all.mar, 2),
-            "nab_standard": round(cp_all["Standard"], 2),
-        },
+        **skabdata.summarise(files, preds),
         "seconds": {
             "train": round(train_s, 1),
             "stream": round(streamed.seconds, 1),
