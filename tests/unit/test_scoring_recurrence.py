@@ -15,6 +15,7 @@ from models.scoring import (
     WeeklySeasonalDeviation,
     ensemble_threshold,
 )
+from tests.unit.test_likelihood import _run_threshold
 
 PER_DAY = 4  # 4 "hours" a day, 28 a week: short synthetic days
 
@@ -143,18 +144,6 @@ def _daily_spikes(
     raw[odd : odd + 2] = 12.0
     bins = ((t // steps_per_hour) % (7 * PER_DAY))[:, None]
     return x, raw, bins
-
-
-def _run_threshold(thr: LikelihoodThreshold, x: np.ndarray, raw: np.ndarray, bins: np.ndarray) -> np.ndarray:
-    t_len, b = raw.shape
-    thr.grow(b)
-    slots = np.arange(b)
-    out = []
-    for t in range(t_len):
-        s = thr.transform(slots, raw[t], x[t], np.ones(b, bool), bins[t])
-        thr.update(slots, raw[t], s <= thr.value)
-        out.append(s)
-    return np.array(out)
 
 
 def test_a_spike_every_day_at_the_same_time_is_reported_on_the_first_days_only():
