@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from connectors.influx import RetryingSink, make_writer
 from connectors.kafka_admin import create_topics
-from connectors.kafka_batches import Record, send_batches, send_checkpoints
+from connectors.kafka_batches import RECORD_BATCH_BYTES, Record, send_batches, send_checkpoints
 from connectors.kafka_security import KafkaSecurity
 from pipeline.app import build_detector, build_processor
 from pipeline.processor import Inbound
@@ -43,7 +43,9 @@ async def run_lean(settings: Settings, topic: str, expected_scores: int, timeout
         max_partition_fetch_bytes=8 * 1024 * 1024,
         **security,
     )
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, **security)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, max_batch_size=RECORD_BATCH_BYTES, **security
+    )
     changelog = f"{settings.topic_prefix}.changelog"
     await asyncio.to_thread(create_topics, settings.kafka_bootstrap, {changelog: settings.partitions})
     await consumer.start()

@@ -18,7 +18,7 @@ from faust.transport.drivers.aiokafka import Producer as FaustKafkaProducer
 from faust.types import TableT
 
 from connectors.influx import RetryingSink, make_writer
-from connectors.kafka_batches import send_checkpoints
+from connectors.kafka_batches import RECORD_BATCH_BYTES, send_checkpoints
 from connectors.kafka_security import KafkaSecurity
 from connectors.kafka_security import register as register_security
 from models.artifact import load_artifact
@@ -139,6 +139,7 @@ def make_faust_app(settings: Settings, app_id: str) -> faust.App:
         # (and the dead-letter topic, original bytes included) instead of stalling its partition.
         consumer_max_fetch_size=MAX_FETCH_BYTES,
         producer_max_request_size=MAX_FETCH_BYTES,
+        producer_max_batch_size=RECORD_BATCH_BYTES,
         # Tansu does not implement idempotent/transactional producers; at-least-once + the
         # per-device offset guard give exactly-once state (see ARCHITECTURE.md).
         processing_guarantee="at_least_once",

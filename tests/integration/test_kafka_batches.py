@@ -1,0 +1,66 @@
+"""Record batches against a real broker: how many batches a micro-batch's outputs take, and that they arrive."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from connectors.kafka_admin import create_topics, read_all
+from connectors.kafka_batches import CHANGELOG_MARKER, RECORD_BATCH_BYTES, Record, send_batches, send_checkpoints
+from connectors.localstack import Tansu
+from pipeline.app import make_faust_app
+from pipeline.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+BLOB = b"s" * 1200  # about one device checkpoint
+
+
+def test_a_micro_batch_of_checkpoints_is_one_record_batch_per_partition(
+    tansu: Tansu, unique_name: Callable[[str], str]
+) -> None:
+    topic = unique_name("batches")
+    create_topics(tansu.bootstrap, {topic: 2})
+
+    async def batches(max_batch_size: int) -> int:
+        producer = AIOKafkaProducer(bootstrap_servers=tansu.bootstrap, max_batch_size=max_batch_size)
+        await producer.start()
+        try:
+            records: list[Record] = [(f"d{i}".encode(), BLOB, []) for i in range(500)]
+            futures = await send_batches(producer, topic, {0: records})
+            await asyncio.gather(*futures)
+            return len(futures)
+        finally:
+            await producer.stop()
+
+    # The clients' 16 KiB default: 13 checkpoints a batch, and one batch in flight per partition at a time.
+    assert asyncio.run(batches(16384)) == 39
+    assert asyncio.run(batches(RECORD_BATCH_BYTES)) == 1
+    got = read_all(tansu.bootstrap, topic, min_records=1000)
+    assert len(got) == 1000 and all(r.value == BLOB for r in got)
+
+
+def test_checkpoints_end_with_the_marker_and_faust_apps_use_the_batch_size(
+    tansu: Tansu, unique_name: Callable[[str], str], tmp_path: Path
+) -> None:
+    topic = unique_name("changelog")
+    create_topics(tansu.bootstrap, {topic: 1})
+
+    async def run() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=tansu.bootstrap, max_batch_size=RECORD_BATCH_BYTES)
+        await producer.start()
+        try:
+            await send_checkpoints(producer, topic, {f"d{i}".encode(): (0, BLOB) for i in range(300)})
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+    got = read_all(tansu.bootstrap, topic, min_records=301)
+    assert [r.key for r in got[:-1]] == [f"d{i}".encode() for i in range(300)]
+    assert got[-1].key == CHANGELOG_MARKER
+    app = make_faust_app(Settings(kafka_bootstrap=tansu.bootstrap, data_dir=tmp_path), unique_name("app"))
+    assert app.conf.producer_max_batch_size == RECORD_BATCH_BYTES
