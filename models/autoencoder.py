@@ -55,7 +55,7 @@ from models.artifact import (
     read_metadata,
     verify_weights,
 )
-from models.training import _prepare, fit_epochs, make_optimiser, save_trained
+from models.training import OptimiserConfig, _prepare, fit_epochs, make_optimiser, save_trained
 
 Centre = Literal["window", "none"]
 SCORER_KIND = "windowed"
@@ -106,11 +106,11 @@ class BiLstmAutoencoder(nn.Module):
         return self.head(out)
 
 
-@dataclass(frozen=True)
-class AutoencoderTrainConfig:
-    """Hyper-parameters of one autoencoder run; stored in the artifact's metadata. ``max_batches_per_epoch``
-    caps the optimiser steps of an epoch (the windows are shuffled, so a capped epoch is a random subset).
-    The optimisation fields mean what they mean in :class:`~models.training.TrainConfig`."""
+@dataclass(frozen=True, kw_only=True)
+class AutoencoderTrainConfig(OptimiserConfig):
+    """Hyper-parameters of one autoencoder run (the model's, then the optimisation fields of
+    :class:`~models.training.OptimiserConfig`); stored in the artifact's metadata. Batches are of windows,
+    shuffled."""
 
     window: int = 60
     hidden: int = 32
@@ -119,27 +119,14 @@ class AutoencoderTrainConfig:
     dropout: float = 0.1
     centre: Centre = "window"
     batch_size: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    max_epochs: int = 30
-    patience: int = 5
-    clip_norm: float = 1.0
-    lr_factor: float = 0.5
-    lr_patience: int = 2
-    val_fraction: float = 0.15
-    seed: int = 0
-    max_batches_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("window", "hidden", "latent", "layers", "batch_size", "max_epochs", "patience"):
+        super().__post_init__()
+        for name in ("window", "hidden", "latent", "layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.centre not in ("window", "none"):
             raise ValueError(f"centre must be 'window' or 'none', not {self.centre!r}")
-        if self.max_batches_per_epoch is not None and self.max_batches_per_epoch < 1:
-            raise ValueError("max_batches_per_epoch must be >= 1 or None")
-        if not (0.0 < self.val_fraction < 1.0) or not (0.0 < self.lr_factor < 1.0) or self.lr_patience < 0:
-            raise ValueError("val_fraction and lr_factor must be in (0, 1), lr_patience >= 0")
 
     def model_config(self, n_features: int) -> AutoencoderConfig:
         return AutoencoderConfig(

@@ -60,23 +60,15 @@ _EVAL_SERIES = 256
 _EVAL_STEPS = 4096
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of one training run; stored in the artifact's metadata.
+@dataclass(frozen=True, kw_only=True)
+class OptimiserConfig:
+    """The optimisation fields of every trainer here (the forecaster, the windowed autoencoder), read by
+    :func:`make_optimiser` and :func:`fit_epochs`: Adam with ``lr``/``weight_decay``, gradients clipped at
+    ``clip_norm``; the LR is multiplied by ``lr_factor`` after ``lr_patience`` epochs without a better
+    validation MSE, and training stops after ``patience`` such epochs (or ``max_epochs``). The last
+    ``val_fraction`` of each series (time-ordered) validates. ``max_batches_per_epoch`` caps the optimiser
+    steps of an epoch (batches are visited in a random order, so a capped epoch sees a random subset)."""
 
-    ``seq_len`` is the TBPTT chunk length (steps per optimiser step and per gradient path);
-    ``batch_size`` the number of lanes walked side by side. ``max_batches_per_epoch`` caps the optimiser
-    steps of an epoch (lane groups are visited in a random order, so a capped epoch sees a random subset
-    of them). ``warmup_steps_loss`` targets at the start of each lane are left out of the loss because
-    they are forecast from a zero state. The LR is multiplied by ``lr_factor`` after ``lr_patience``
-    epochs without a better validation MSE; training stops after ``patience`` such epochs.
-    """
-
-    cell: CellKind = "lstm"
-    hidden: int = 64
-    layers: int = 2
-    dropout: float = 0.1
-    seq_len: int = 64
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -86,25 +78,51 @@ class TrainConfig:
     lr_factor: float = 0.5
     lr_patience: int = 2
     val_fraction: float = 0.15
-    test_fraction: float = 0.15
     seed: int = 0
     max_batches_per_epoch: int | None = None
-    warmup_steps_loss: int = 8
 
     def __post_init__(self) -> None:
-        if self.cell not in ("lstm", "gru"):
-            raise ValueError(f"cell must be 'lstm' or 'gru', not {self.cell!r}")
-        for name in ("hidden", "layers", "seq_len", "batch_size", "max_epochs", "patience"):
+        for name in ("batch_size", "max_epochs", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_batches_per_epoch is not None and self.max_batches_per_epoch < 1:
             raise ValueError("max_batches_per_epoch must be >= 1 or None")
-        if self.warmup_steps_loss < 0 or self.lr_patience < 0:
-            raise ValueError("warmup_steps_loss and lr_patience must be >= 0")
-        if min(self.val_fraction, self.test_fraction) <= 0.0 or self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError("val_fraction and test_fraction must be > 0 and sum to < 1")
+        if self.lr_patience < 0:
+            raise ValueError("lr_patience must be >= 0")
+        if not (0.0 < self.val_fraction < 1.0):
+            raise ValueError("val_fraction must be in (0, 1)")
         if not (0.0 < self.lr_factor < 1.0):
             raise ValueError("lr_factor must be in (0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(OptimiserConfig):
+    """Hyper-parameters of one forecaster training run; stored in the artifact's metadata.
+
+    ``seq_len`` is the TBPTT chunk length (steps per optimiser step and per gradient path);
+    ``batch_size`` the number of lanes walked side by side. ``warmup_steps_loss`` targets at the start of
+    each lane are left out of the loss because they are forecast from a zero state.
+    """
+
+    cell: CellKind = "lstm"
+    hidden: int = 64
+    layers: int = 2
+    dropout: float = 0.1
+    seq_len: int = 64
+    test_fraction: float = 0.15
+    warmup_steps_loss: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cell not in ("lstm", "gru"):
+            raise ValueError(f"cell must be 'lstm' or 'gru', not {self.cell!r}")
+        for name in ("hidden", "layers", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.warmup_steps_loss < 0:
+            raise ValueError("warmup_steps_loss must be >= 0")
+        if self.test_fraction <= 0.0 or self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction and test_fraction must be > 0 and sum to < 1")
 
 
 @dataclass
@@ -332,25 +350,8 @@ def _train_epoch(
     return loss_sum / weight_sum if weight_sum else math.nan
 
 
-class _OptimConfig(Protocol):
-    """The optimisation fields :func:`make_optimiser` and :func:`fit_epochs` read (``TrainConfig`` has them)."""
-
-    @property
-    def lr(self) -> float: ...
-    @property
-    def weight_decay(self) -> float: ...
-    @property
-    def lr_factor(self) -> float: ...
-    @property
-    def lr_patience(self) -> int: ...
-    @property
-    def max_epochs(self) -> int: ...
-    @property
-    def patience(self) -> int: ...
-
-
 def make_optimiser(
-    model: torch.nn.Module, config: _OptimConfig
+    model: torch.nn.Module, config: OptimiserConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau]:
     """Adam and the ReduceLROnPlateau schedule (on the validation loss) every trainer here uses."""
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -366,7 +367,7 @@ def fit_epochs(
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
     run_epoch: Callable[[], float],
     validate: Callable[[], float],
-    config: _OptimConfig,
+    config: OptimiserConfig,
     *,
     progress: bool = True,
 ) -> tuple[list[dict[str, float]], int]:
