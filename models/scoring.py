@@ -679,16 +679,57 @@ class _SlotRows:
     ``[n, *rows]``."""
 
     ROWS: tuple[str, ...] = ()
+    SIGNAL = ""  # the row the reference is taken of and the level follows; ROWS also holds mean, m2, level
     skip_steps: int
     reference_steps: int
+    rate: float  # the level's per-step learning rate
     n: np.ndarray
     f: int
+    mean: np.ndarray
+    m2: np.ndarray
+    level: np.ndarray
+    z: np.ndarray  # the last step's per-feature scores (B, F)
 
     def _init_rows(self) -> None:
         self.n = np.zeros(0, np.int64)
         self.f = 0
         for name in self.ROWS:
             setattr(self, name, np.zeros((0, 0)))
+        self.z = np.zeros((0, 0))
+
+    def _reference(self, s: np.ndarray, n: np.ndarray, value: np.ndarray) -> None:
+        """Within the reference period (``n`` = steps seen before this one), accumulate the mean and sum of
+        squares of ``value`` (rows of slots ``s``, Welford); the level starts at the reference mean."""
+        k = n - self.skip_steps
+        ref = (k >= 0) & (k < self.reference_steps)
+        if ref.any():
+            r = s[ref]
+            kk = (k[ref] + 1)[:, None].astype(np.float64)
+            delta = value[ref] - self.mean[r]
+            self.mean[r] += delta / kk
+            self.m2[r] += delta * (value[ref] - self.mean[r])
+            self.level[r] = self.mean[r]
+
+    def _score(self, slots: np.ndarray, seen: np.ndarray, floor: np.ndarray | float) -> np.ndarray:
+        """``max_f |signal - level| / std`` per slot (the reference std floored at ``floor``); 0 for rows not
+        seen or whose reference is not set yet. Keeps the per-feature scores in ``z``."""
+        k = np.clip(self.n[slots] - self.skip_steps, 1, self.reference_steps)[:, None]
+        std = np.maximum(np.sqrt(self.m2[slots] / k), floor)
+        z = np.abs(getattr(self, self.SIGNAL)[slots] - self.level[slots]) / std
+        self.z = np.where((seen & self.ready(slots))[:, None], z, 0.0)
+        return self.z.max(axis=1) if self.f else np.zeros(len(slots))
+
+    def update(self, slots: np.ndarray, learn: np.ndarray) -> None:
+        """Let the level of the ``learn`` rows (past the reference period) follow their signal.
+        ``learn`` is ``(B,)`` (whole rows) or ``(B, F)`` (per feature)."""
+        mask = np.asarray(learn, bool)
+        if mask.ndim == 1:
+            mask = np.repeat(mask[:, None], self.f, axis=1)
+        mask = mask & self.ready(slots)[:, None]
+        rows = mask.any(axis=1)
+        s, m = slots[rows], mask[rows]
+        signal = getattr(self, self.SIGNAL)
+        self.level[s] += np.where(m, self.rate * (signal[s] - self.level[s]), 0.0)
 
     @property
     def capacity(self) -> int:
@@ -749,10 +790,8 @@ class ReferenceDeviation(_SlotRows):
     """
 
     ROWS = ("ema", "mean", "m2", "level")  # smoothed input; reference mean / sum of squares; level
+    SIGNAL = "ema"
     ema: np.ndarray
-    mean: np.ndarray
-    m2: np.ndarray
-    level: np.ndarray
 
     def __init__(
         self,
@@ -770,11 +809,6 @@ class ReferenceDeviation(_SlotRows):
         self.skip_steps, self.reference_steps = skip_steps, reference_steps
         self.scale_floor = np.asarray(scale_floor, np.float64)
         self._init_rows()
-        self.z = np.zeros((0, 0))  # the last step's per-feature scores (B, F)
-
-    def _std(self, slots: np.ndarray) -> np.ndarray:
-        k = np.clip(self.n[slots] - self.skip_steps, 1, self.reference_steps)[:, None]
-        return np.maximum(np.sqrt(self.m2[slots] / k), np.maximum(self.scale_floor, 1e-12))
 
     def step(self, slots: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
         """Scores ``(B,)`` of inputs ``x`` ``(B, F)``; advances the smoothing (and, within the reference
@@ -784,29 +818,9 @@ class ReferenceDeviation(_SlotRows):
         n = self.n[s]
         ema = np.where((n == 0)[:, None], xs, self.ema[s] + self.alpha * (xs - self.ema[s]))
         self.ema[s] = ema
-        ref = (n >= self.skip_steps) & (n < self.calibration_steps)
-        if ref.any():
-            r = s[ref]
-            k = (n[ref] - self.skip_steps + 1)[:, None].astype(np.float64)
-            delta = ema[ref] - self.mean[r]
-            self.mean[r] += delta / k
-            self.m2[r] += delta * (ema[ref] - self.mean[r])
-            self.level[r] = self.mean[r]
+        self._reference(s, n, ema)
         self.n[s] += 1
-        z = np.abs(self.ema[slots] - self.level[slots]) / self._std(slots)
-        self.z = np.where((seen & self.ready(slots))[:, None], z, 0.0)  # per feature, for the caller
-        return self.z.max(axis=1)
-
-    def update(self, slots: np.ndarray, learn: np.ndarray) -> None:
-        """Let the level of the ``learn`` rows (past the reference period) follow their smoothed input.
-        ``learn`` is ``(B,)`` (whole rows) or ``(B, F)`` (per feature)."""
-        mask = np.asarray(learn, bool)
-        if mask.ndim == 1:
-            mask = np.repeat(mask[:, None], self.f, axis=1)
-        mask = mask & self.ready(slots)[:, None]
-        rows = mask.any(axis=1)
-        s, m = slots[rows], mask[rows]
-        self.level[s] += np.where(m, self.rate * (self.ema[s] - self.level[s]), 0.0)
+        return self._score(slots, seen, np.maximum(self.scale_floor, 1e-12))
 
 
 class SpreadDeviation(_SlotRows):
@@ -828,12 +842,10 @@ class SpreadDeviation(_SlotRows):
     # the last input, EWMA of the squared (clipped) increments, the last log-spread (what update() learns),
     # reference mean / sum of squares of the log-spread, level
     ROWS = ("last", "spread", "logs", "mean", "m2", "level")
+    SIGNAL = "logs"
     last: np.ndarray
     spread: np.ndarray
     logs: np.ndarray
-    mean: np.ndarray
-    m2: np.ndarray
-    level: np.ndarray
 
     def __init__(
         self,
@@ -853,7 +865,6 @@ class SpreadDeviation(_SlotRows):
         self.rate = float(1.0 - 0.5 ** (1.0 / halflife_steps))
         self.skip_steps, self.reference_steps = skip_steps, reference_steps
         self._init_rows()
-        self.z = np.zeros((0, 0))  # the last step's per-feature scores (B, F)
 
     def step(self, slots: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
         """Scores ``(B,)`` of inputs ``x`` ``(B, F)``; advances the spread (and, within the reference
@@ -870,26 +881,9 @@ class SpreadDeviation(_SlotRows):
         self.spread[s], self.last[s] = sp, xs
         log_spread = 0.5 * np.log(sp + self.eps)
         self.logs[s] = log_spread
-        k = n[:, 0] - self.skip_steps
-        ref = (k >= 0) & (k < self.reference_steps)
-        if ref.any():
-            r = s[ref]
-            kk = (k[ref] + 1)[:, None].astype(np.float64)
-            delta = log_spread[ref] - self.mean[r]
-            self.mean[r] += delta / kk
-            self.m2[r] += delta * (log_spread[ref] - self.mean[r])
-            self.level[r] = self.mean[r]
+        self._reference(s, n[:, 0], log_spread)
         self.n[s] += 1
-        k_all = np.clip(self.n[slots] - self.skip_steps, 1, self.reference_steps)[:, None]
-        std = np.maximum(np.sqrt(self.m2[slots] / k_all), self.std_floor)
-        z = np.abs(self.logs[slots] - self.level[slots]) / std
-        self.z = np.where((seen & self.ready(slots))[:, None], z, 0.0)
-        return self.z.max(axis=1) if self.f else np.zeros(len(slots))
-
-    def update(self, slots: np.ndarray, learn: np.ndarray) -> None:
-        """Let the level of the ``learn`` rows (past the reference period) follow their log-spread."""
-        s = slots[np.asarray(learn, bool) & self.ready(slots)]
-        self.level[s] += self.rate * (self.logs[s] - self.level[s])
+        return self._score(slots, seen, self.std_floor)
 
 
 class SeasonalDeviation:
