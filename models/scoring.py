@@ -682,6 +682,7 @@ class _SlotRows:
     SIGNAL = ""  # the row the reference is taken of and the level follows; ROWS also holds mean, m2, level
     skip_steps: int
     reference_steps: int
+    alpha: float
     rate: float  # the level's per-step learning rate
     n: np.ndarray
     f: int
@@ -690,7 +691,12 @@ class _SlotRows:
     level: np.ndarray
     z: np.ndarray  # the last step's per-feature scores (B, F)
 
-    def _init_rows(self) -> None:
+    def _init_rows(self, span: float, skip_steps: int, reference_steps: int, halflife_steps: float) -> None:
+        """Smoothing ``alpha`` of an EWMA over ``span`` steps, the periods, the level's ``rate`` for a
+        half-life of ``halflife_steps``, and empty rows."""
+        self.alpha = 2.0 / (span + 1.0)
+        self.rate = float(1.0 - 0.5 ** (1.0 / halflife_steps))
+        self.skip_steps, self.reference_steps = skip_steps, reference_steps
         self.n = np.zeros(0, np.int64)
         self.f = 0
         for name in self.ROWS:
@@ -804,11 +810,8 @@ class ReferenceDeviation(_SlotRows):
     ) -> None:
         if span < 1 or reference_steps < 2 or skip_steps < 0 or halflife_steps <= 0:
             raise ValueError("span >= 1, reference_steps >= 2, skip_steps >= 0, halflife_steps > 0")
-        self.alpha = 2.0 / (span + 1.0)
-        self.rate = float(1.0 - 0.5 ** (1.0 / halflife_steps))
-        self.skip_steps, self.reference_steps = skip_steps, reference_steps
         self.scale_floor = np.asarray(scale_floor, np.float64)
-        self._init_rows()
+        self._init_rows(span, skip_steps, reference_steps, halflife_steps)
 
     def step(self, slots: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
         """Scores ``(B,)`` of inputs ``x`` ``(B, F)``; advances the smoothing (and, within the reference
@@ -859,12 +862,9 @@ class SpreadDeviation(_SlotRows):
     ) -> None:
         if span < 1 or clip <= 0 or skip_steps < 1 or reference_steps < 2 or halflife_steps <= 0 or eps <= 0:
             raise ValueError("span >= 1, clip > 0, skip_steps >= 1, reference_steps >= 2, halflife_steps > 0, eps > 0")
-        self.alpha = 2.0 / (span + 1.0)
         self.clip, self.eps = clip, eps
         self.std_floor = 0.5 * math.sqrt(2.0 / span)
-        self.rate = float(1.0 - 0.5 ** (1.0 / halflife_steps))
-        self.skip_steps, self.reference_steps = skip_steps, reference_steps
-        self._init_rows()
+        self._init_rows(span, skip_steps, reference_steps, halflife_steps)
 
     def step(self, slots: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
         """Scores ``(B,)`` of inputs ``x`` ``(B, F)``; advances the spread (and, within the reference
