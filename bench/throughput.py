@@ -9,8 +9,10 @@ For each fleet size N (``iotad bench throughput --devices 100,10000 --json``):
 3. Ceiling: bench.lean does the same work (decode, validate, window, batched step, InfluxDB, scores,
    checkpoints) on the same broker and backlog with aiokafka and no Faust.
 4. Latency (single-reading runs): a paced run (one reading per device per step, on the step's grid
-   point, as many devices as make half the Faust rate; ``step_ms`` 1000 by default) measures reading
-   timestamp -> score emitted (after its InfluxDB write), p50/p99.
+   point, as many devices as make half the Faust rate; ``step_ms`` 1000 by default) measures upload ->
+   score emitted (after its InfluxDB write), p50/p99: once with every device uploading at the grid point
+   (a synchronised burst each step), once with the same fleet uploading in ``STAGGER_SLICES`` slots
+   spread over the step (``staggered_p50_ms``/``staggered_p99_ms``).
 5. The batched model step alone (B = min(N, 8192)) vs one call per reading.
 
 The last line of stdout (with ``--json``) is one JSON object: the largest fleet's figures at top level
@@ -33,12 +35,14 @@ import numpy as np
 from bench.faults import rss_kib
 from bench.lean import run_lean
 from connectors.kafka_admin import create_topics, end_offsets, make_producer, read_all
-from connectors.simulator import FleetSimulator, run_simulation
+from connectors.simulator import FleetSimulator, run_simulation, upload_offset_ms
 from pipeline.app import build_detector, build_processor
 from pipeline.processor import Inbound
 from pipeline.schema import encode_envelope, encode_reading
 from pipeline.settings import Settings
 from pipeline.stack import BUSY_POLL_S, IDLE_POLL_S, PipelineStack
+
+STAGGER_SLICES = 20  # upload slots per step of the staggered latency fleet (50 ms apart with 1 s steps)
 
 
 def _preload(bootstrap: str, topic: str, n_devices: int, steps: int, envelope: int, step_ms: int) -> int:
@@ -87,23 +91,34 @@ def _drain_rate(stack: PipelineStack, expected: int, timeout_s: float) -> float:
     raise TimeoutError(f"Faust worker scored {scored} of {expected} in {timeout_s}s")
 
 
-def _latency(stack: PipelineStack, settings: Settings, n_devices: int, seconds: int) -> dict[str, Any]:
+def _latency(
+    stack: PipelineStack, settings: Settings, n_devices: int, seconds: int, stagger_slices: int = 1
+) -> dict[str, Any]:
+    """Paced fleet: one reading per device per step, stamped on the step's grid point and uploaded at once
+    (``stagger_slices`` 1) or in staggered slots over the step. Latency is from the upload (grid point +
+    the device's slot offset) to the score being emitted."""
     topic = f"{settings.topic_prefix}.readings"
-    sim = FleetSimulator(n_devices, seed=12, step_ms=settings.step_ms, anomaly_rate=0, device_prefix="lat")
+    prefix = "lat" if stagger_slices == 1 else "stg"
+    sim = FleetSimulator(n_devices, seed=12, step_ms=settings.step_ms, anomaly_rate=0, device_prefix=prefix)
+    offset = {
+        dev: upload_offset_ms(d, n_devices, stagger_slices, settings.step_ms) for d, dev in enumerate(sim.device_ids)
+    }
     producer = make_producer(stack.bootstrap, acks=1, linger_ms=5)
     # Only the scores after the backlog's: re-reading 100,000s of backlog scores per poll never caught up.
     start = end_offsets(stack.bootstrap, settings.scores_topic)
     steps = seconds * 1000 // settings.step_ms
-    stats = run_simulation(producer, topic, sim, steps=steps, rate_steps_per_s=1000 / settings.step_ms)
+    stats = run_simulation(
+        producer, topic, sim, steps=steps, rate_steps_per_s=1000 / settings.step_ms, stagger_slices=stagger_slices
+    )
     producer.close()
     lat = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         recs = read_all(stack.bootstrap, settings.scores_topic, idle_timeout_s=1.0, start=start)
         lat = [
-            x["emitted_at"] - x["ts"]
+            x["emitted_at"] - x["ts"] - offset[x["device_id"]]
             for x in (msgspec.json.decode(r.value or b"{}") for r in recs)
-            if x["device_id"].startswith("lat")
+            if x["device_id"] in offset
         ]
         if len(lat) >= stats.readings_sent:
             break
@@ -183,6 +198,9 @@ def bench_fleet(n_devices: int, readings: int, envelope: int, base: Path, step_m
         if lat_devices:
             latency = _latency(stack, settings, lat_devices, seconds=10)
             latency["latency_scored_by_worker"] = worker.metric("iotad_readings_scored_total") - total
+            # The same fleet with staggered upload slots: the load spread over the step instead of a burst.
+            staggered = _latency(stack, settings, lat_devices, seconds=10, stagger_slices=STAGGER_SLICES)
+            latency |= {f"staggered_{k}": v for k, v in staggered.items() if k.endswith("_ms")}
     batched, single, state_bytes = _step_rates(settings, min(n_devices, 8192))
     return {
         "devices": n_devices,

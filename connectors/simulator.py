@@ -65,6 +65,7 @@ __all__ = [
     "make_producer",
     "malformed",
     "run_simulation",
+    "upload_offset_ms",
 ]
 
 DEFAULT_SENSORS: tuple[str, ...] = ("temp", "pressure", "vibration", "current")
@@ -800,6 +801,12 @@ class SimStats:
         return out
 
 
+def upload_offset_ms(index: int, n_devices: int, slices: int, step_ms: int) -> int:
+    """When device ``index`` uploads a step's reading, after the step's grid point, with ``slices``
+    staggered upload slots per step (``run_simulation(stagger_slices=...)``); 0 when not staggered."""
+    return index * slices // n_devices * step_ms // slices
+
+
 def run_simulation(
     producer: Producer,
     topic: str,
@@ -812,6 +819,7 @@ def run_simulation(
     late_every: int = 0,
     late_steps: int = 5,
     envelope_steps: int = 1,
+    stagger_slices: int = 1,
     duration_s: float | None = None,
     end_at_now: bool = False,
     progress: Callable[[int, SimStats], None] | None = None,
@@ -827,6 +835,9 @@ def run_simulation(
       (with ``rate_steps_per_s == 1000/step_ms`` timestamps then follow the wall clock).
     * ``envelope_steps = k > 1``: every ``k`` steps, one envelope per device carries its ``k`` readings
       (a trailing partial group is sent at the end).
+    * ``stagger_slices = k > 1`` (paced runs): the devices upload in ``k`` equal slices spread over the
+      step, slice ``j`` at ``j/k`` of a step after the grid point (:func:`upload_offset_ms`), as a fleet
+      with staggered upload slots does; the timestamps stay on the grid. ``1``: every device at once.
     * ``malformed_every = m > 0``: after every ``m`` valid messages, one :func:`malformed` message of a
       random kind among ``malformed_kinds`` (for a random device, timestamped at the current step).
     * ``late_every = m > 0``: after every ``m`` valid messages, one reading of a random device stamped
@@ -839,6 +850,8 @@ def run_simulation(
     """
     if steps < 0 or envelope_steps < 1 or malformed_every < 0 or late_every < 0 or late_steps < 1:
         raise ValueError("steps >= 0, envelope_steps >= 1, malformed_every/late_every >= 0, late_steps >= 1")
+    if stagger_slices < 1 or (stagger_slices > 1 and rate_steps_per_s is None):
+        raise ValueError("stagger_slices >= 1, and > 1 only for paced runs")
     if rate_steps_per_s is not None and rate_steps_per_s <= 0:
         raise ValueError("rate_steps_per_s must be > 0 (or None)")
     kinds = tuple(malformed_kinds)
@@ -905,13 +918,17 @@ def run_simulation(
     t_start = clock()
     deadline = None if duration_s is None else t_start + duration_s
 
-    def flush_buffer() -> None:
+    def flush_buffer(due: float | None = None) -> None:
+        """Send the buffered steps; ``due``: when the step was due (clock), for staggered uploads."""
         nonlocal sent_steps, newest_sent_ts
         if not buffer:
             return
         group_ts = [ts for ts, _ in buffer]
         rows = [v.tolist() for _, v in buffer]
+        n = len(ids)
         for d, dev in enumerate(ids):
+            if due is not None and d and d * stagger_slices // n != (d - 1) * stagger_slices // n:
+                sleep(max(0.0, due + upload_offset_ms(d, n, stagger_slices, sim.step_ms) / 1000 - clock()))
             if len(buffer) == 1:
                 value = encode_reading(dev, group_ts[0], dict(zip(names, rows[0][d], strict=True)))
             else:
@@ -930,8 +947,10 @@ def run_simulation(
         now = clock()
         if deadline is not None and now >= deadline:
             break
+        due = None
         if rate_steps_per_s is not None:
-            wait = t_start + i / rate_steps_per_s - now
+            due = t_start + i / rate_steps_per_s
+            wait = due - now
             if deadline is not None and now + wait >= deadline:
                 sleep(max(deadline - now, 0.0))  # the next step is due after the deadline
                 break
@@ -945,7 +964,7 @@ def run_simulation(
         stats.steps += 1
         buffer.append((ts, values))
         if len(buffer) >= envelope_steps:
-            flush_buffer()
+            flush_buffer(due if stagger_slices > 1 else None)
         if progress is not None:
             progress(i, stats)
     flush_buffer()

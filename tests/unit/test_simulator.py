@@ -20,6 +20,7 @@ from connectors.simulator import (
     aligned_now_ms,
     malformed,
     run_simulation,
+    upload_offset_ms,
 )
 from pipeline.schema import (
     MAX_MESSAGE_BYTES,
@@ -396,6 +397,41 @@ def test_run_simulation_paced_to_wall_clock() -> None:
     sim2 = _sim(n_devices=2)
     s2 = run_simulation(FakeProducer(), "t", sim2, steps=30, end_at_now=True, wall_clock=lambda: wall)
     assert s2.last_ts_ms == 1_795_341_601_000 and s2.first_ts_ms == 1_795_341_601_000 - 29_000
+
+
+def test_run_simulation_staggers_uploads_over_the_step() -> None:
+    sim = _sim(n_devices=10, step_ms=1000)
+    fake = FakeTime()
+    sent_at: list[tuple[float, str, int]] = []
+
+    class Clocked(FakeProducer):
+        def send(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> None:
+            assert value is not None
+            doc = _decode(value)
+            sent_at.append((fake.now, doc["device_id"], doc["ts"]))
+
+    stats = run_simulation(
+        Clocked(),
+        "t",
+        sim,
+        steps=3,
+        rate_steps_per_s=1.0,
+        stagger_slices=4,
+        clock=fake.clock,
+        sleep=fake.sleep,
+        wall_clock=lambda: 1_795_341_601.0,
+    )
+    assert stats.readings_sent == len(sent_at) == 30
+    first_ts = stats.first_ts_ms
+    assert first_ts is not None
+    offsets = [upload_offset_ms(d, 10, 4, 1000) for d in range(10)]
+    assert offsets == [0, 0, 0, 250, 250, 500, 500, 500, 750, 750]
+    for k, (at, device_id, ts) in enumerate(sent_at):
+        step, d = divmod(k, 10)
+        assert device_id == sim.device_ids[d] and ts == first_ts + 1000 * step  # timestamps stay on the grid
+        assert at - 1000.0 == pytest.approx(step + offsets[d] / 1000)  # uploaded at its slot of the step
+    with pytest.raises(ValueError, match="stagger"):
+        run_simulation(FakeProducer(), "t", _sim(n_devices=2), steps=1, stagger_slices=2)
 
 
 def test_run_simulation_stops_at_duration() -> None:
