@@ -501,7 +501,9 @@ class LikelihoodThreshold(Threshold):
     ``recurrence`` (a :class:`DailyRecurrence`, which needs the step's ``context``), an event (a red or
     spatial step of either likelihood) at a time of day that held one on most of the previous days is the
     series' daily pattern (a daily job's spike), not news: it reports as a repeat, unless it is a spatial
-    hit (a value beyond the whole range seen so far is news whenever it comes). The detector reports
+    hit (a value beyond the whole range seen so far is news whenever it comes). With the recurrence's
+    ``escalation``, an event no stronger than a report of the last 24 hours is a repeat too (the same
+    episode), unless it is a spatial hit. The detector reports
     the likelihood as the step's score. Flagged steps are not learnt by the likelihood distribution (nor
     by the ensemble's levels) unless the scoring config lets anomalies be learnt.
     """
@@ -580,7 +582,16 @@ class LikelihoodThreshold(Threshold):
             # a value beyond the whole range seen so far is news whenever it comes: the earlier days'
             # events were within that range
             recurs &= ~self.likelihood.spatial_hit
-            out = np.where(recurs, np.minimum(out, self.likelihood.repeat_score), out)
+            repeat = self.likelihood.repeat_score
+            out = np.where(recurs, np.minimum(out, repeat), out)
+            if self.recurrence.escalation:
+                # within a day of a report, an event no stronger than it is the same episode (a second wave
+                # of a burst), not news. A spatial hit always is, and sets no peak: its 1 comes from the
+                # range rule, not from the tail of the average, so it does not measure the episode's size
+                news = seen & event & (out > repeat) & ~self.likelihood.spatial_hit
+                weaker = self.recurrence.weaker(slots, news, out)
+                out = np.where(weaker, np.minimum(out, repeat), out)
+                self.recurrence.report(slots, news & ~weaker, out)
         return out
 
     def update(self, slots: np.ndarray, scores: np.ndarray, learn: np.ndarray) -> None:
@@ -600,7 +611,7 @@ class LikelihoodThreshold(Threshold):
     def restore(self, slot: int, state: list[float]) -> None:
         if self.recurrence is not None:
             k = int(state[0]) if state else -1
-            if len(state) == 1 + k + self.recurrence.state_size:
+            if len(state) - 1 - k in self.recurrence.state_sizes:
                 self.recurrence.restore(slot, state[1 + k :])
                 state = state[1 : 1 + k]
             # else: a state saved without the recurrence member, whose memory of events starts afresh
@@ -1121,10 +1132,21 @@ class DailyRecurrence:
     not yet a pattern, hence 2 days; and once a daily spike is no longer reported its members learn it, so
     on some days it falls just short of the red level: 2 of the last 3 days keep the pattern through such a
     day. Memory: ``(lookback + 1) x per_day`` flags and 2 ints per slot.
+
+    With ``escalation`` the same clock also keeps, per hour of the ring, the largest score *reported* in it
+    (:meth:`report`), and :meth:`weaker` tells the events no stronger than a report of the last ``per_day``
+    hours (``(lookback + 1) x per_day`` floats more per slot, exported after the flags).
     """
 
     def __init__(
-        self, *, per_day: int = 24, cycle: int = 168, days: int = 2, lookback: int = 3, tolerance: int = 1
+        self,
+        *,
+        per_day: int = 24,
+        cycle: int = 168,
+        days: int = 2,
+        lookback: int = 3,
+        tolerance: int = 1,
+        escalation: bool = False,
     ) -> None:
         if (
             per_day < 1
@@ -1143,6 +1165,9 @@ class DailyRecurrence:
         self.clock = np.zeros(0, np.int64)  # hours since the slot's first known bin
         self.prev = np.zeros(0, np.int64)  # the slot's last known bin (-1: none yet)
         self.ring = np.zeros((0, self.hours), bool)  # ring[s, h % hours]: hour h of slot s held an event
+        self.escalation = escalation
+        self.peak = np.zeros((0, self.hours))  # peak[s, h % hours]: the largest score reported in hour h (0: none)
+        self.stepped = np.zeros(0, bool)  # the rows of the last step that moved the clock (known bin)
 
     @property
     def capacity(self) -> int:
@@ -1151,7 +1176,12 @@ class DailyRecurrence:
     @property
     def state_size(self) -> int:
         """Length of :meth:`export`'s state."""
-        return 2 + self.hours
+        return 2 + self.hours * (2 if self.escalation else 1)
+
+    @property
+    def state_sizes(self) -> tuple[int, int]:
+        """Lengths :meth:`restore` accepts: a state saved without and with the report peaks."""
+        return (2 + self.hours, 2 + 2 * self.hours)
 
     def grow(self, capacity: int) -> None:
         extra = capacity - self.capacity
@@ -1160,11 +1190,13 @@ class DailyRecurrence:
         self.clock = np.concatenate([self.clock, np.zeros(extra, np.int64)])
         self.prev = np.concatenate([self.prev, np.full(extra, -1, np.int64)])
         self.ring = np.concatenate([self.ring, np.zeros((extra, self.hours), bool)])
+        self.peak = np.concatenate([self.peak, np.zeros((extra, self.hours))])
 
     def reset(self, slots: np.ndarray) -> None:
         self.clock[slots] = 0
         self.prev[slots] = -1
         self.ring[slots] = False
+        self.peak[slots] = 0.0
 
     def step(self, slots: np.ndarray, bins: np.ndarray, seen: np.ndarray, event: np.ndarray) -> np.ndarray:
         """Move the clocks of the ``seen`` rows with a known bin to it and record their ``event`` ``(B,)``;
@@ -1177,7 +1209,10 @@ class DailyRecurrence:
         # the hours passed since the previous step held no event (their flags are from a ring ago)
         ahead = np.arange(1, self.hours + 1)
         passed = (self.clock[s][:, None] + ahead) % self.hours
-        self.ring[s[:, None], passed] &= ahead[None, :] > elapsed[:, None]
+        kept = ahead[None, :] > elapsed[:, None]
+        self.ring[s[:, None], passed] &= kept
+        self.peak[s[:, None], passed] *= kept
+        self.stepped = rows
         clock = self.clock[s] + elapsed
         self.clock[s], self.prev[s] = clock, bs
         near = np.arange(-self.tolerance, self.tolerance + 1)
@@ -1192,14 +1227,35 @@ class DailyRecurrence:
         out[rows] = recurs & ev
         return out
 
+    def weaker(self, slots: np.ndarray, rows: np.ndarray, score: np.ndarray) -> np.ndarray:
+        """Of ``rows`` ``(B,)`` (call after :meth:`step`), those whose ``score`` is no larger than a report
+        of the last ``per_day`` hours, this one included (only rows whose step moved the clock)."""
+        r = np.asarray(rows, bool) & self.stepped
+        s = slots[r]
+        back = (self.clock[s][:, None] - np.arange(self.per_day)[None, :]) % self.hours
+        out = np.zeros(len(slots), bool)
+        out[r] = np.asarray(score, np.float64)[r] <= self.peak[s[:, None], back].max(axis=1)
+        return out
+
+    def report(self, slots: np.ndarray, rows: np.ndarray, score: np.ndarray) -> None:
+        """Record the scores of ``rows`` ``(B,)`` as reported in the current hour (call after :meth:`step`)."""
+        r = np.asarray(rows, bool) & self.stepped
+        s, h = slots[r], self.clock[slots[r]] % self.hours
+        self.peak[s, h] = np.maximum(self.peak[s, h], np.asarray(score, np.float64)[r])
+
     def export(self, slot: int) -> list[float]:
-        return [float(self.clock[slot]), float(self.prev[slot]), *self.ring[slot].astype(np.float64).tolist()]
+        state = [float(self.clock[slot]), float(self.prev[slot]), *self.ring[slot].astype(np.float64).tolist()]
+        return state + self.peak[slot].tolist() if self.escalation else state
 
     def restore(self, slot: int, state: list[float]) -> None:
-        if len(state) != self.state_size:
+        """Load what :meth:`export` produced; a state saved without the report peaks restores with none (and
+        one saved with them into a recurrence without ``escalation`` ignores them)."""
+        if len(state) not in self.state_sizes:
             return
         self.clock[slot], self.prev[slot] = int(state[0]), int(state[1])
-        self.ring[slot] = np.asarray(state[2:]) > 0.5
+        self.ring[slot] = np.asarray(state[2 : 2 + self.hours]) > 0.5
+        rest = state[2 + self.hours :]
+        self.peak[slot] = rest if self.escalation and len(rest) == self.hours else 0.0
 
 
 class CalibratedThreshold(Threshold):
@@ -1404,6 +1460,11 @@ class EnsembleConfig:
     # 2 of the 3 previous days is the series' daily pattern (a daily job's spike), reported as a repeat
     # unless it is a spatial hit (DailyRecurrence, clocked by the seasonal context).
     daily_recurrence: bool = True
+    # With daily_recurrence: within 24 hours (the same clock) of a report, an event whose score is no larger
+    # than that report's is the same episode (a burst's second wave, the aftermath of a change), reported
+    # as a repeat; a stronger one, or a spatial hit, is news. One episode, one report, as an on-call
+    # alert is not re-raised at the same or a lower severity.
+    escalation: bool = True
 
 
 def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThreshold:
@@ -1453,7 +1514,9 @@ def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThre
         )
     recurrence = None
     if cfg.seasonal and cfg.daily_recurrence:
-        recurrence = DailyRecurrence(per_day=cfg.seasonal_bins, cycle=cfg.seasonal_bins * (7 if cfg.weekly else 1))
+        recurrence = DailyRecurrence(
+            per_day=cfg.seasonal_bins, cycle=cfg.seasonal_bins * (7 if cfg.weekly else 1), escalation=cfg.escalation
+        )
     return LikelihoodThreshold(
         lik, cfg.flag_value, ref, seasonal, spread, spread_lik, cfg.shared_suppression, recurrence
     )

@@ -109,7 +109,7 @@ def test_daily_recurrence_is_batched_causal_and_restores_identically():
         assert ra[0] == rc[0]
 
 
-def _threshold(recurrence: bool = True) -> LikelihoodThreshold:
+def _threshold(recurrence: bool = True, escalation: bool = False) -> LikelihoodThreshold:
     return LikelihoodThreshold(
         AnomalyLikelihood(estimation_steps=30, suppress_steps=10, spatial_tolerance=0.05),
         0.5,
@@ -118,7 +118,7 @@ def _threshold(recurrence: bool = True) -> LikelihoodThreshold:
         SpreadDeviation(),
         AnomalyLikelihood(estimation_steps=30, suppress_steps=10),
         True,
-        DailyRecurrence(per_day=PER_DAY, cycle=7 * PER_DAY) if recurrence else None,
+        DailyRecurrence(per_day=PER_DAY, cycle=7 * PER_DAY, escalation=escalation) if recurrence else None,
     )
 
 
@@ -175,10 +175,11 @@ def test_a_daily_spike_beyond_the_range_seen_so_far_is_news():
     assert got[5 * day + 2 * hour : 5 * day + 3 * hour].max() == 1.0  # day 5: a spatial hit at that time
 
 
-def test_the_threshold_exports_and_restores_the_recurrence_member():
+@pytest.mark.parametrize("escalation", [False, True])
+def test_the_threshold_exports_and_restores_the_recurrence_member(escalation: bool):
     x, raw, bins = _daily_spikes(n_days=8)
     cut = 5 * PER_DAY * 30 + 7
-    a, c = _threshold(), _threshold()
+    a, c = _threshold(escalation=escalation), _threshold(escalation=escalation)
     _run_threshold(a, x[:cut], raw[:cut], bins[:cut])
     c.grow(2)
     c.transform(np.array([0]), np.zeros(1), x[0], np.array([False]), bins[0])  # learn the feature counts
@@ -196,7 +197,7 @@ def test_the_threshold_exports_and_restores_the_recurrence_member():
     # a state saved without the recurrence member restores the others; its memory starts afresh
     old = _threshold(False)
     _run_threshold(old, x[:cut], raw[:cut], bins[:cut])
-    new = _threshold()
+    new = _threshold(escalation=escalation)
     new.grow(1)
     new.transform(np.array([0]), np.zeros(1), x[0], np.array([False]), bins[0])
     new.restore(0, old.export(0))
@@ -207,6 +208,83 @@ def test_the_threshold_exports_and_restores_the_recurrence_member():
 def test_the_ensemble_config_builds_it_clocked_by_the_seasonal_context():
     thr = ensemble_threshold(EnsembleConfig())
     assert thr.recurrence is not None and (thr.recurrence.per_day, thr.recurrence.cycle) == (24, 168)
+    assert thr.recurrence.escalation and thr.recurrence.state_size == 2 + 2 * 96
+    assert not ensemble_threshold(EnsembleConfig(escalation=False)).recurrence.escalation  # type: ignore[union-attr]
     assert ensemble_threshold(EnsembleConfig(weekly=False)).recurrence.cycle == 24  # type: ignore[union-attr]
     assert ensemble_threshold(EnsembleConfig(daily_recurrence=False)).recurrence is None
     assert ensemble_threshold(EnsembleConfig(seasonal=False)).recurrence is None  # no clock without a context
+
+
+def test_report_peaks_last_a_day_and_restore_from_states_with_or_without_them():
+    rec = DailyRecurrence(per_day=PER_DAY, cycle=7 * PER_DAY, escalation=True)
+    rec.grow(2)
+    one, yes, no = np.array([0]), np.array([True]), np.array([False])
+
+    def weaker(b: int, score: float) -> bool:
+        rec.step(one, np.array([b]), yes, no)
+        return bool(rec.weaker(one, yes, np.array([score]))[0])
+
+    assert not weaker(0, 0.6)  # nothing reported yet
+    rec.report(one, yes, np.array([0.6]))
+    assert weaker(1, 0.55) and weaker(1, 0.6) and not weaker(1, 0.65)  # no stronger than the report
+    assert weaker(PER_DAY - 1, 0.55)  # the last per_day hours, the report's included
+    assert not weaker(PER_DAY, 0.55)  # a day later it is forgotten
+    rec.report(one, yes, np.array([0.7]))
+    assert rec.state_size == len(rec.export(0)) == 2 + 2 * rec.hours
+    rec.restore(1, rec.export(0))
+    assert rec.export(1) == rec.export(0)
+    rec.step(np.array([1]), np.array([PER_DAY + 1]), yes, no)
+    assert rec.weaker(np.array([1]), yes, np.array([0.65]))[0]
+    # a state saved without the peaks restores its flags and clock, with no peaks
+    plain = DailyRecurrence(per_day=PER_DAY, cycle=7 * PER_DAY)
+    plain.grow(1)
+    plain.step(np.array([0]), np.array([3]), yes, yes)
+    rec.restore(1, plain.export(0))
+    assert rec.clock[1] == plain.clock[0] and rec.ring[1].any() and not rec.peak[1].any()
+    # and one saved with them restores into a recurrence without escalation, which ignores them
+    plain.restore(0, rec.export(0))
+    assert plain.export(0) == rec.export(0)[: plain.state_size]
+
+
+def test_within_a_day_of_a_report_an_event_no_stronger_is_a_repeat():
+    """The likelihood alone on a raw score, its distribution frozen after day 3 so each spike's score
+    grows with its size: A (day 3, 00:00) is news, B 3 hours later and smaller is the same episode, C larger
+    is news; on day 4 a spatial hit is news and sets no peak, so a spike 3 hours after it is news too; D,
+    as small as B but more than a day after any report, is news again."""
+    per_day, hour = 24, 10  # 10 steps an hour; suppression: 10 steps
+    day = per_day * hour
+    rng = np.random.default_rng(7)
+    n = 6 * day
+    raw = np.abs(rng.normal(0, 1, (n, 1)))
+    x = rng.uniform(-1, 1, (n, 1, 1))
+    at = {"A": 3 * day + 1, "B": 3 * day + 3 * hour + 1, "C": 3 * day + 6 * hour + 1, "D": 5 * day + 18 * hour + 1}
+    for k, v in zip(at, (40.0, 25.0, 80.0, 25.0), strict=True):
+        raw[at[k]] = v
+    spatial, after = 4 * day + 12 * hour + 1, 4 * day + 15 * hour + 1  # a value beyond the range, then a spike
+    x[spatial] = 9.0
+    raw[after] = 60.0
+    bins = ((np.arange(n) // hour) % (7 * per_day))[:, None]
+
+    def run(escalation: bool) -> np.ndarray:
+        thr = LikelihoodThreshold(
+            AnomalyLikelihood(estimation_steps=30, suppress_steps=10, spatial_tolerance=0.05),
+            0.5,
+            recurrence=DailyRecurrence(per_day=per_day, cycle=7 * per_day, escalation=escalation),
+        )
+        thr.grow(1)
+        one, yes, out = np.array([0]), np.array([True]), np.zeros(n)
+        for t in range(n):
+            out[t] = thr.transform(one, raw[t], x[t], yes, bins[t])[0]
+            thr.update(one, raw[t], np.array([t < 3 * day and out[t] <= 0.5]))
+        return out
+
+    plain, got = run(False), run(True)
+    repeat = AnomalyLikelihood().repeat_score
+    assert all(plain[t] > 0.5 for t in (*at.values(), after))  # without it, every spike is news
+    assert plain[at["A"]] > plain[at["B"]] and plain[at["C"]] > plain[at["A"]]
+    assert got[at["A"]] == plain[at["A"]] and got[at["C"]] == plain[at["C"]] and got[at["D"]] == plain[at["D"]]
+    assert got[at["B"]] == pytest.approx(repeat)
+    assert got[spatial] == plain[spatial] == 1.0
+    assert got[after] == plain[after] < 1.0
+    changed = np.flatnonzero(got != plain)
+    assert changed.tolist() == [at["B"]]  # nothing else moves
