@@ -18,7 +18,7 @@ from connectors.influx import RetryingSink, make_writer
 from connectors.kafka_admin import create_topics
 from connectors.kafka_batches import RECORD_BATCH_BYTES, Record, send_batches, send_checkpoints
 from connectors.kafka_security import KafkaSecurity
-from pipeline.app import build_detector, build_processor
+from pipeline.app import build_detector, build_processor, freeze_startup_objects
 from pipeline.processor import Inbound
 from pipeline.records import score_json, score_line
 from pipeline.settings import Settings
@@ -27,6 +27,7 @@ from pipeline.settings import Settings
 async def run_lean(settings: Settings, topic: str, expected_scores: int, timeout_s: float = 300.0) -> float:
     """Consume ``topic`` from the beginning until ``expected_scores`` are written; readings/s."""
     processor = build_processor(settings, build_detector(settings))
+    freeze_startup_objects()  # as the worker does once started
     security = KafkaSecurity.from_settings(settings).aiokafka()
     sensors = processor.sensors
     sink = RetryingSink(

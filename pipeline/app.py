@@ -6,6 +6,7 @@ Built by a factory from :class:`Settings` (nothing is read from the environment 
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -163,6 +164,18 @@ def set_fetch_max_wait(app: faust.App, ms: int) -> None:
         log.info("consumer fetch_max_wait_ms = %d", ms)
     else:
         log.warning("cannot set the consumer's fetch_max_wait_ms (Faust internals changed): it stays at Faust's")
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive now out of the cyclic GC's scans, once a long-running process has started.
+
+    The imports alone (torch, Faust, numpy) leave ~220,000 GC-tracked objects that live as long as the
+    process, and every full collection walked them all: 150-170 ms stalls of the event loop every few
+    seconds under load, the tail of the end-to-end latency. Objects frozen here are still freed by
+    reference counting when they go; only a cycle among them would never be collected.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> Components:

@@ -75,12 +75,13 @@ def worker(
     """Run a Faust scoring worker (consumes <prefix>.readings until stopped)."""
     import faust
 
-    from pipeline.app import create_app
+    from pipeline.app import create_app, freeze_startup_objects
 
     settings = _settings(metrics_port=metrics_port)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     comp = create_app(settings)
     comp.metrics.serve(settings.metrics_host, settings.metrics_port)
+    freeze_startup_objects()
     faust.Worker(comp.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
 
 
@@ -94,12 +95,14 @@ def alerter(
     import faust
 
     from pipeline.alert_agents import create_alerter, ensure_topics
+    from pipeline.app import freeze_startup_objects
 
     settings = _settings(alert_metrics_port=metrics_port)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     ensure_topics(settings)
     comp = create_alerter(settings, environ=os.environ)
     comp.metrics.serve(settings.metrics_host, settings.alert_metrics_port)
+    freeze_startup_objects()
     faust.Worker(comp.app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
 
 

@@ -126,12 +126,14 @@ class _History:
         return self.data[rows[:, None], order], self.count[rows]
 
 
-@dataclass
-class _Device:
+class _Device(msgspec.Struct, gc=False):
+    """One device's bookkeeping. Not tracked by the cyclic GC (it holds no cycle): a worker keeps one per
+    device for as long as it owns it, and every full collection would otherwise scan them all."""
+
     row: int  # of the history
     partition: int = -1
     last_offset: int = -1
-    window: DeviceWindow = field(default_factory=DeviceWindow)
+    window: DeviceWindow = msgspec.field(default_factory=DeviceWindow)
     stale: bool = False  # its recurrent state is not (yet) from the current model
 
 

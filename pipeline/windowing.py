@@ -43,8 +43,9 @@ class Step(msgspec.Struct, frozen=True, gc=False):
     reset: bool = False  # True: the gap before this step was too long; reset the device first
 
 
-class DeviceWindow(msgspec.Struct, array_like=True):
-    """Resampling state of one device (serialised with the device's checkpointed state)."""
+class DeviceWindow(msgspec.Struct, array_like=True, gc=False):
+    """Resampling state of one device (serialised with the device's checkpointed state). One per device for
+    as long as the worker owns it, holding no cycle: not tracked by the cyclic GC."""
 
     last_closed: int | None = None
     watermark: int = -(2**62)

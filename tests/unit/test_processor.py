@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import zlib
 from collections import Counter
 
@@ -13,6 +14,7 @@ from models.artifact import Artifact, Normaliser
 from models.detector import Detector
 from models.forecaster import Forecaster, ForecasterConfig
 from models.scoring import AdaptiveThreshold, ScoringConfig, Status, make_threshold, seasonal_bin
+from pipeline.app import freeze_startup_objects
 from pipeline.processor import BatchResult, Inbound, Processor
 from pipeline.records import ScoreRecord
 from pipeline.schema import Limits, Reason, encode_envelope, encode_reading
@@ -585,3 +587,30 @@ def test_ensemble_threshold_gets_each_steps_hour_of_week(artifact):
     expected = [seasonal_bin(np.array([r.ts_ms // 1000]), 24, weekly=True)[0] for r in scores]
     assert seen == expected
     assert len(set(expected)) == 2
+
+
+def test_device_state_is_not_scanned_by_the_cyclic_gc(artifact: Artifact) -> None:
+    # One per device for as long as the worker owns it: every full collection would walk them all.
+    proc = make_processor(artifact)
+    fleet = Fleet(3)
+    proc.process(fleet.batch(0), T0)
+    proc.process([fleet.reading("dev-1", 1, offset_ms=-300)], T0)  # an open bucket: its dict holds a list
+    assert len(proc.devices) == 3
+    for d in proc.devices.values():
+        assert not gc.is_tracked(d) and not gc.is_tracked(d.window)
+    assert proc.devices["dev-1"].window.open  # still referenced and intact
+    gc.collect()
+    assert proc.devices["dev-1"].window.open
+
+
+def test_freeze_startup_objects_takes_them_out_of_the_scans() -> None:
+    alive = [object()]  # a tracked container alive at startup
+    assert gc.is_tracked(alive) and any(o is alive for o in gc.get_objects())
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() > 0
+        assert not any(o is alive for o in gc.get_objects())  # the collections' generations no longer hold it
+        later = [object()]
+        assert any(o is later for o in gc.get_objects())  # objects made afterwards are scanned as usual
+    finally:
+        gc.unfreeze()
