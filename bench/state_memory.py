@@ -44,24 +44,6 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _tensor_bytes(obj: Any, seen: set[int] | None = None, depth: int = 0) -> int:
-    """Bytes of the torch tensors reachable from ``obj``'s attributes (the recurrent state), once each."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen or depth > 4:
-        return 0
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, torch.nn.Module):
-        return 0  # the model's weights are shared by all devices, not state
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v, seen, depth + 1) for v in obj)
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v, seen, depth + 1) for v in obj.values())
-    attrs = getattr(obj, "__dict__", None)
-    return sum(_tensor_bytes(v, seen, depth + 1) for v in attrs.values()) if attrs else 0
-
-
 def measure(n_devices: int, method: str, steps: int = 3) -> dict[str, Any]:
     settings = Settings(device="cpu", warmup_steps=5, step_ms=STEP_MS, max_gap_steps=10, threshold_method=method)
     detector = build_detector(settings)
@@ -90,7 +72,7 @@ def measure(n_devices: int, method: str, steps: int = 3) -> dict[str, Any]:
     traced, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     rss1 = _rss_bytes()
-    tensors = _tensor_bytes(detector)
+    tensors = sum(t.numel() * t.element_size() for t in detector.state)  # (h, c) per layer: the recurrent state
     devices = sorted(processor.devices)
     sample = devices[:: max(1, len(devices) // 1000)]
     blobs = processor.checkpoint(set(sample))
