@@ -16,7 +16,8 @@ from typing import Any, cast
 import faust
 from aiokafka import AIOKafkaProducer
 from faust.transport.drivers.aiokafka import Producer as FaustKafkaProducer
-from faust.types import TableT
+from faust.types import TableT, TransportT
+from mode.utils.queues import ThrowableQueue
 
 from connectors.influx import RetryingSink, make_writer
 from connectors.kafka_batches import RECORD_BATCH_BYTES, send_checkpoints
@@ -25,6 +26,7 @@ from connectors.kafka_security import register as register_security
 from models.artifact import load_artifact
 from models.detector import Detector, resolve_device, set_cpu_threads
 from models.scoring import ScoringConfig, make_threshold
+from pipeline.delivery import RefillQueue, Transport
 from pipeline.metrics import Metrics
 from pipeline.processor import Processor, StateSource
 from pipeline.schema import Limits
@@ -117,12 +119,22 @@ async def write_checkpoints(app: faust.App, table: TableT, records: Mapping[byte
     await send_checkpoints(aio, table.changelog_topic.get_topic_name(), records)
 
 
+class App(faust.App):
+    """Faust's app with the cheaper hand-over of messages to its streams (pipeline.delivery)."""
+
+    def _new_transport(self) -> TransportT:
+        return Transport(self.conf.broker_consumer, self)
+
+    def FlowControlQueue(self, maxsize: int | None = None, *, clear_on_resume: bool = False) -> ThrowableQueue:
+        return RefillQueue(maxsize=maxsize, flow_control=self.flow_control, clear_on_resume=clear_on_resume)
+
+
 def make_faust_app(settings: Settings, app_id: str) -> faust.App:
     """A Faust app configured the way every iotad worker needs it (scoring worker, alerter)."""
     security = KafkaSecurity.from_settings(settings)
     register_security(settings.kafka_bootstrap, security)  # the process's other Kafka clients use it too
     log.info("Kafka %s: %s", settings.kafka_bootstrap, security.describe())
-    app = faust.App(
+    app = App(
         app_id,
         broker=broker_urls(settings.kafka_bootstrap),
         # TLS / SASL from IOTAD_KAFKA_SECURITY_PROTOCOL etc. (None = PLAINTEXT)

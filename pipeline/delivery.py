@@ -1,0 +1,115 @@
+"""The hand-over of fetched messages to Faust's streams, made cheaper per message; semantics unchanged.
+
+Faust's fetch loop (``Consumer._drain_messages``) delivers every message with
+``await self.wait_first(callback(message), self.suspend_flow.wait())``: the delivery races a rebalance, so
+that a delivery blocked on a full stream buffer is abandoned when the flow is suspended. ``wait_first``
+makes four tasks and an ``asyncio.wait`` for it (~24 us), and a delivery into a full buffer adds a task of
+its own. Two changes take that off the common path:
+
+- :class:`Consumer` (:class:`SteppedWaitFirst`) first steps the delivery by hand. One that finishes without
+  suspending ends exactly as it would have in ``wait_first``, where its task, created first, also finished
+  in its first step. One that suspends (flow control, a full buffer, a busy producer) goes on, from where
+  it stopped, inside the unchanged ``wait_first``: the rebalance still interrupts it.
+- :class:`RefillQueue`, the streams' buffer, lets a fetch loop blocked on it in again only once it has
+  drained to its pressure-drop size, so that a backlog refills it by whole batches on the fast path
+  instead of one blocked delivery per freed slot.
+
+Measured (``iotad bench throughput --devices 100``, single readings): 13,400-14,000 readings/s against
+9,800-10,400 without them, same machine, alternating runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Generator
+from typing import Any, cast
+
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from mode import Service
+from mode.services import WaitArgT, WaitResults
+from mode.utils.queues import ThrowableQueue
+from mode.utils.times import Seconds
+
+
+class _Started:
+    """A coroutine already stepped once by hand, awaitable from where it stopped: the part of
+    ``yield from`` that comes after its first ``send``. Values sent and exceptions thrown in (a
+    cancellation included) go through to the coroutine."""
+
+    __slots__ = ("coro", "yielded")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
+        self.coro, self.yielded = coro, yielded
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, yielded = self.coro, self.yielded
+        while True:
+            try:
+                sent = yield yielded
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # re-raised in the coroutine, where it belongs
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    yielded = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
+    return await _Started(coro, yielded)
+
+
+class SteppedWaitFirst(Service):
+    """``wait_first`` that steps its first coroutine by hand before racing it (see the module)."""
+
+    # ``Seconds | None``: mode annotates ``Seconds`` but its default, "wait forever", is None.
+    async def wait_first(self, *coros: WaitArgT, timeout: Seconds | None = None) -> WaitResults:
+        first = coros[0] if coros else None
+        if timeout is not None or not asyncio.iscoroutine(first) or self._stopped.is_set() or self._crashed.is_set():
+            return await super().wait_first(*coros, timeout=cast(Seconds, timeout))
+        try:
+            yielded = first.send(None)
+        except StopIteration as done:
+            _close(coros[1:])
+            return WaitResults([first], [done.value], False)
+        except BaseException:
+            _close(coros[1:])
+            raise
+        return await super().wait_first(_resume(first, yielded), *coros[1:], timeout=cast(Seconds, timeout))
+
+
+def _close(waitables: tuple[WaitArgT, ...]) -> None:
+    """Close the coroutines the race no longer needs (never started: closing them runs nothing)."""
+    for w in waitables:
+        if asyncio.iscoroutine(w):
+            w.close()
+
+
+class Consumer(SteppedWaitFirst, faust_aiokafka.Consumer):
+    pass
+
+
+class RefillQueue(ThrowableQueue[Any]):
+    """A stream buffer that, once full, lets blocked producers in again only when it has drained to its
+    pressure-drop size (where Faust also resumes fetching), not one slot at a time.
+
+    Draining a backlog keeps the buffer full. With a plain queue every slot the stream frees wakes the
+    fetch loop for one message, whose delivery then blocks again: each message pays the blocked path
+    (a task for the ``put`` and the race in ``wait_first``, six tasks in all). Here the loop blocks once
+    and then refills the buffer by a whole batch, on the fast path. The bound is unchanged.
+    """
+
+    def _wakeup_next(self, waiters: Any) -> None:
+        if waiters is self._putters and self.qsize() > self.pressure_drop_size:
+            return
+        super()._wakeup_next(waiters)  # type: ignore[misc]
+
+
+class Transport(faust_aiokafka.Transport):
+    Consumer = Consumer

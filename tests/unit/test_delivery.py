@@ -1,0 +1,198 @@
+"""The stepped ``wait_first`` of the worker's Faust consumer (pipeline.delivery): same outcomes as mode's."""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from mode import Service
+from mode.services import WaitResults
+from mode.utils.queues import FlowControlEvent, ThrowableQueue
+
+from pipeline.app import App
+from pipeline.delivery import Consumer, RefillQueue, SteppedWaitFirst, Transport
+
+
+class _Plain(Service):
+    pass
+
+
+class _Stepped(SteppedWaitFirst, Service):
+    pass
+
+
+async def _tasks_made_by(coro_fn: Callable[[], Awaitable[WaitResults]]) -> tuple[WaitResults, int]:
+    """Run ``coro_fn()`` and count the tasks created meanwhile."""
+    made = 0
+    loop = asyncio.get_running_loop()
+    factory = loop.get_task_factory()
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+        nonlocal made
+        made += 1
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    loop.set_task_factory(counting)
+    try:
+        return await coro_fn(), made
+    finally:
+        loop.set_task_factory(factory)
+
+
+def test_a_delivery_that_does_not_suspend_completes_inline_and_closes_the_race() -> None:
+    asyncio.run(_a_delivery_that_does_not_suspend_completes_inline_and_closes_the_race())
+
+
+async def _a_delivery_that_does_not_suspend_completes_inline_and_closes_the_race() -> None:
+    suspend = asyncio.Event()
+    delivered: list[int] = []
+
+    async def deliver(n: int) -> int:
+        delivered.append(n)
+        return n * 2
+
+    svc = _Stepped()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unawaited suspend.wait() would warn "never awaited"
+        res, made = await _tasks_made_by(lambda: svc.wait_first(deliver(3), suspend.wait()))
+    assert (res.results, res.stopped, delivered, made) == ([6], False, [3], 0)
+    # mode's own makes four tasks for the same call, with the same result
+    plain, made_plain = await _tasks_made_by(lambda: _Plain().wait_first(deliver(4), suspend.wait()))
+    assert (plain.results, plain.stopped, made_plain) == ([8], False, 4)
+
+
+@pytest.mark.parametrize("service", [_Plain, _Stepped])
+def test_a_blocked_delivery_is_abandoned_when_the_flow_is_suspended(service: type[Service]) -> None:
+    asyncio.run(_a_blocked_delivery_is_abandoned_when_the_flow_is_suspended(service))
+
+
+async def _a_blocked_delivery_is_abandoned_when_the_flow_is_suspended(service: type[Service]) -> None:
+    room, suspend = asyncio.Event(), asyncio.Event()
+    steps: list[str] = []
+
+    async def deliver() -> str:
+        steps.append("started")
+        try:
+            await room.wait()  # a full stream buffer
+        except asyncio.CancelledError:
+            steps.append("cancelled")
+            raise
+        steps.append("delivered")
+        return "ok"
+
+    race = asyncio.ensure_future(service().wait_first(deliver(), suspend.wait()))
+    await asyncio.sleep(0.01)
+    assert steps == ["started"] and not race.done()
+    suspend.set()
+    res = await asyncio.wait_for(race, 1)
+    await asyncio.sleep(0)  # let the cancelled delivery run its handler
+    assert res.results == [True] and steps == ["started", "cancelled"]
+    room.set()
+    await asyncio.sleep(0.01)
+    assert steps == ["started", "cancelled"]
+
+
+@pytest.mark.parametrize("service", [_Plain, _Stepped])
+def test_a_blocked_delivery_goes_on_from_where_it_stopped(service: type[Service]) -> None:
+    asyncio.run(_a_blocked_delivery_goes_on_from_where_it_stopped(service))
+
+
+async def _a_blocked_delivery_goes_on_from_where_it_stopped(service: type[Service]) -> None:
+    room, suspend = asyncio.Event(), asyncio.Event()
+    steps: list[str] = []
+
+    async def deliver() -> str:
+        steps.append("a")
+        await room.wait()
+        steps.append("b")
+        await asyncio.sleep(0)  # a bare yield to the loop on the way
+        steps.append("c")
+        value = await asyncio.get_running_loop().run_in_executor(None, lambda: 41)
+        return f"{value + 1}"
+
+    race = asyncio.ensure_future(service().wait_first(deliver(), suspend.wait()))
+    await asyncio.sleep(0.01)
+    room.set()
+    res = await asyncio.wait_for(race, 1)
+    assert res.results == ["42"] and not res.stopped and steps == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("suspends", [False, True])
+def test_a_failing_delivery_raises_its_error(suspends: bool) -> None:
+    asyncio.run(_a_failing_delivery_raises_its_error(suspends))
+
+
+async def _a_failing_delivery_raises_its_error(suspends: bool) -> None:
+    async def deliver() -> None:
+        if suspends:
+            await asyncio.sleep(0)
+        raise ValueError("bad message")
+
+    suspend = asyncio.Event()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="bad message"):
+            await _Stepped().wait_first(deliver(), suspend.wait())
+
+
+def test_a_stopped_service_keeps_modes_answer() -> None:
+    asyncio.run(_a_stopped_service_keeps_modes_answer())
+
+
+async def _a_stopped_service_keeps_modes_answer() -> None:
+    svc = _Stepped()
+    await svc.stop()
+
+    async def deliver() -> int:
+        return 1
+
+    res = await svc.wait_first(deliver())
+    assert res.stopped and res.results == []
+
+
+def test_the_worker_app_uses_the_stepped_consumer() -> None:
+    app = App("delivery-test", broker="kafka://127.0.0.1:9", web_enabled=False)
+    assert isinstance(app.transport, Transport)
+    assert issubclass(app.transport.Consumer, Consumer)
+
+
+def test_a_full_buffer_lets_its_producer_in_again_only_at_the_pressure_drop_size() -> None:
+    asyncio.run(_refill(RefillQueue, expect_release_at=40))  # pressure_drop_size of 100 = 40
+    asyncio.run(_refill(ThrowableQueue, expect_release_at=99))  # a plain queue: at the first free slot
+
+
+async def _refill(queue_type: type[ThrowableQueue[Any]], expect_release_at: int) -> None:
+    q = queue_type(maxsize=100, flow_control=FlowControlEvent(initially_suspended=False))
+    for i in range(100):
+        q.put_nowait(i)
+    blocked = asyncio.ensure_future(q.put(100))
+    await asyncio.sleep(0)
+    released_at = None
+    while q.qsize() and released_at is None:
+        q.get_nowait()
+        await asyncio.sleep(0)
+        if blocked.done():
+            released_at = q.qsize() - 1  # the size when it was let in
+        assert q.qsize() <= 100
+    assert released_at == expect_release_at
+    # what came in is still in order behind the rest
+    rest = [q.get_nowait() for _ in range(q.qsize())]
+    assert rest == list(range(100 - expect_release_at, 101))
+
+
+def test_a_cleared_buffer_cancels_its_blocked_producers() -> None:
+    async def go() -> None:
+        q = RefillQueue(maxsize=2, flow_control=FlowControlEvent(initially_suspended=False))
+        q.put_nowait(1)
+        q.put_nowait(2)
+        blocked = asyncio.ensure_future(q.put(3))
+        await asyncio.sleep(0)
+        q.clear()  # a rebalance: Faust clears the stream buffers on resume
+        with pytest.raises(asyncio.CancelledError):
+            await blocked
+        assert q.qsize() == 0
+
+    asyncio.run(go())
