@@ -196,3 +196,29 @@ def test_a_cleared_buffer_cancels_its_blocked_producers() -> None:
         assert q.qsize() == 0
 
     asyncio.run(go())
+
+
+def test_no_stepping_while_the_consumer_says_not_to() -> None:
+    class Rebalancing(_Stepped):
+        def may_step(self) -> bool:
+            return False
+
+    async def deliver() -> int:
+        return 5
+
+    async def go() -> None:
+        suspend = asyncio.Event()
+        res, made = await _tasks_made_by(lambda: Rebalancing().wait_first(deliver(), suspend.wait()))
+        assert (res.results, made) == ([5], 4)  # mode's own race
+
+    asyncio.run(go())
+
+
+def test_the_worker_consumer_does_not_step_during_a_rebalance() -> None:
+    app = App("delivery-test", broker="kafka://127.0.0.1:9", web_enabled=False)
+    consumer = app.consumer  # built by Faust, through the app's transport
+    assert isinstance(consumer, Consumer) and consumer.may_step()
+    app.on_rebalance_start()
+    assert not consumer.may_step()
+    app.on_rebalance_end()
+    assert consumer.may_step()
