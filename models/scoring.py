@@ -1176,7 +1176,7 @@ class DailyRecurrence:
     @property
     def state_size(self) -> int:
         """Length of :meth:`export`'s state."""
-        return 2 + self.hours * (2 if self.escalation else 1)
+        return self.state_sizes[self.escalation]
 
     @property
     def state_sizes(self) -> tuple[int, int]:
@@ -1230,8 +1230,7 @@ class DailyRecurrence:
     def weaker(self, slots: np.ndarray, rows: np.ndarray, score: np.ndarray) -> np.ndarray:
         """Of ``rows`` ``(B,)`` (call after :meth:`step`), those whose ``score`` is no larger than a report
         of the last ``per_day`` hours, this one included (only rows whose step moved the clock)."""
-        r = np.asarray(rows, bool) & self.stepped
-        s = slots[r]
+        r, s = self._moved(slots, rows)
         back = (self.clock[s][:, None] - np.arange(self.per_day)[None, :]) % self.hours
         out = np.zeros(len(slots), bool)
         out[r] = np.asarray(score, np.float64)[r] <= self.peak[s[:, None], back].max(axis=1)
@@ -1239,9 +1238,14 @@ class DailyRecurrence:
 
     def report(self, slots: np.ndarray, rows: np.ndarray, score: np.ndarray) -> None:
         """Record the scores of ``rows`` ``(B,)`` as reported in the current hour (call after :meth:`step`)."""
-        r = np.asarray(rows, bool) & self.stepped
-        s, h = slots[r], self.clock[slots[r]] % self.hours
+        r, s = self._moved(slots, rows)
+        h = self.clock[s] % self.hours
         self.peak[s, h] = np.maximum(self.peak[s, h], np.asarray(score, np.float64)[r])
+
+    def _moved(self, slots: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The mask of ``rows`` whose last step moved the clock, and their slots."""
+        r = np.asarray(rows, bool) & self.stepped
+        return r, slots[r]
 
     def export(self, slot: int) -> list[float]:
         state = [float(self.clock[slot]), float(self.prev[slot]), *self.ring[slot].astype(np.float64).tolist()]

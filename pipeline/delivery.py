@@ -61,10 +61,6 @@ class _Started:
                     return stop.value
 
 
-async def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
-    return await _Started(coro, yielded)
-
-
 class SteppedWaitFirst(Service):
     """``wait_first`` that steps its first coroutine by hand before racing it (see the module)."""
 
@@ -87,7 +83,7 @@ class SteppedWaitFirst(Service):
         except BaseException:
             _close(coros[1:])
             raise
-        return await super().wait_first(_resume(first, yielded), *coros[1:], timeout=cast(Seconds, timeout))
+        return await super().wait_first(_Started(first, yielded), *coros[1:], timeout=cast(Seconds, timeout))
 
     def may_step(self) -> bool:
         """Whether to step by hand now (mode's own ``wait_first`` otherwise)."""
