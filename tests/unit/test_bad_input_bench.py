@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from bench.bad_input import ALL_KINDS, BadInputConfig, _kind_counts, build_messages
+from connectors.simulator import aligned_now_ms
 from pipeline.app import build_detector, build_processor
 from pipeline.processor import Inbound
 from pipeline.settings import Settings
@@ -47,8 +48,10 @@ def test_kind_counts() -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_mix_through_the_processor(seed: int) -> None:
     cfg = BadInputConfig(devices=12, steps=20, malformed=600, oversized=2, seed=seed)
-    msgs = build_messages(cfg, mixed=True)
-    clean = build_messages(cfg, mixed=False)
+    # one end time for both: built "ending now", they differ when a step boundary passes between the calls
+    end = aligned_now_ms(cfg.step_ms)
+    msgs = build_messages(cfg, mixed=True, now_ms=end)
+    clean = build_messages(cfg, mixed=False, now_ms=end)
     assert [m.value for m in msgs if m.kind == "valid"] == [m.value for m in clean]
     assert Counter(m.kind for m in msgs if m.kind != "valid") == Counter(_kind_counts(cfg))
 
