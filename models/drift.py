@@ -80,9 +80,9 @@ class DriftMonitor:
             g.reference = np.bincount(np.searchsorted(g.edges, ref), minlength=len(g.edges) + 1) / len(ref)
             g.ring = np.empty(self.window)
         assert g.ring is not None and g.reference is not None
-        for e in errors[-self.window :]:
-            g.ring[g.head] = e
-            g.head = (g.head + 1) % self.window
+        tail = errors[-self.window :]
+        g.ring[(g.head + np.arange(len(tail))) % self.window] = tail
+        g.head = (g.head + len(tail)) % self.window
         g.filled = min(self.window, g.filled + len(errors))
         g.since_check += len(errors)
         if g.filled < self.window or g.since_check < self.check_every:

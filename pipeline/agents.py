@@ -35,11 +35,10 @@ from connectors.kafka_security import KafkaSecurity
 from models.artifact import ArtifactError
 from models.detector import Detector
 from models.drift import DriftMonitor
-from models.scoring import Status
 from pipeline import control as ctl
 from pipeline.app import Components, build_detector, fetch_version, write_checkpoints
 from pipeline.continuity import Hole, OffsetContinuity
-from pipeline.groups import device_grouper
+from pipeline.groups import DEFAULT_GROUP, device_grouper
 from pipeline.processor import BatchResult, Inbound
 from pipeline.records import DeadLetter, score_json, score_line
 
@@ -67,6 +66,7 @@ class ScoringService:
             else None
         )
         self.group_of = device_grouper(s.device_group_pattern)
+        self.single_group = not s.device_group_pattern  # every device in DEFAULT_GROUP: no per-row lookup
         self._partitions: dict[str, list[int]] = {}
         self._partitioner = DefaultPartitioner()
         self._partition_of: dict[str, dict[bytes, int]] = {}  # topic -> key -> partition (scores: device ids)
@@ -244,8 +244,8 @@ class ScoringService:
             now_ms = int(now * 1000)
             records = [(r.device_id.encode(), score_json(r, self.sensors, now_ms)) for r in res.scores]
             pending.extend(await self._send_batched(self.scores_topic, records))
-            for r in res.scores:
-                m.latency.observe(max(0.0, now - r.ts_ms / 1000))
+            ts_ms = np.fromiter((r.ts_ms for r in res.scores), np.float64, len(res.scores))
+            m.latency.observe_many(np.maximum(0.0, now - ts_ms / 1000))
             m.scored.inc(len(res.scores))
             m.anomalies.inc(sum(r.is_anomaly for r in res.scores))
         if self.drift is not None and res.scores:
@@ -329,17 +329,22 @@ class ScoringService:
         """Feed the forecaster's errors (normalised units) per device group; publish a retrain request
         on the control topic when their distribution drifts (rate-limited per group)."""
         assert self.drift is not None
-        rows = [r for r in res.scores if r.forecast is not None and r.status == Status.OK]
-        if not rows:
+        if not res.forecast_errors:
             return
-        std = self.c.processor.detector.artifact.normaliser.std
-        err = np.abs(np.array([r.values for r in rows]) - np.array([r.forecast for r in rows])) / std
-        per_row = err.mean(axis=1)
-        groups: dict[str, list[int]] = {}
-        for i, r in enumerate(rows):
-            groups.setdefault(self.group_of(r.device_id), []).append(i)
-        for group, idx in groups.items():
-            value = self.drift.update(group, per_row[idx])
+        errors = np.concatenate([e.error for e in res.forecast_errors])
+        if not errors.size:
+            return
+        groups: dict[str, np.ndarray]
+        if self.single_group:
+            groups = {DEFAULT_GROUP: errors}
+        else:
+            names = [self.group_of(d) for e in res.forecast_errors for d in e.devices]
+            index: dict[str, list[int]] = {}
+            for i, name in enumerate(names):
+                index.setdefault(name, []).append(i)
+            groups = {name: errors[idx] for name, idx in index.items()}
+        for group, group_errors in groups.items():
+            value = self.drift.update(group, group_errors)
             self.c.metrics.drift_psi.labels(group).set(self.drift.groups[group].last_psi)
             if value is not None:
                 reason = f"forecast-error drift in device group {group!r}: PSI {value:.3f} > {self.drift.bound}"

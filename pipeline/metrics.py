@@ -2,9 +2,47 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class BatchHistogram:
+    """A histogram observed a micro-batch at a time: one ``searchsorted`` and ``bincount`` per batch instead of
+    one locked ``Histogram.observe`` per reading (with envelopes of 10 readings that was ~2.5 % of the
+    worker's main thread). Exposed like a ``Histogram`` without labels: ``_bucket`` (cumulative, ``le``
+    inclusive), ``_count`` and ``_sum``."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self._bounds = np.asarray(buckets, np.float64)
+        self._counts = np.zeros(len(buckets) + 1, np.int64)  # the last bin is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()  # the metrics server collects from its own thread
+        registry.register(self)
+
+    def observe_many(self, values: np.ndarray) -> None:
+        counts = np.bincount(np.searchsorted(self._bounds, values, side="left"), minlength=len(self._counts))
+        with self._lock:
+            self._counts += counts
+            self._sum += float(values.sum())
+
+    def observe(self, value: float) -> None:
+        self.observe_many(np.array([value], np.float64))
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            cumulative, total = self._counts.cumsum().tolist(), self._sum
+        bounds = [floatToGoString(b) for b in self._bounds.tolist()] + ["+Inf"]
+        yield HistogramMetricFamily(
+            self.name, self.documentation, buckets=list(zip(bounds, cumulative, strict=True)), sum_value=total
+        )
 
 
 class Metrics:
@@ -40,11 +78,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.latency = Histogram(
+        self.latency = BatchHistogram(
             "iotad_end_to_end_latency_seconds",
             "Reading timestamp to score written (InfluxDB and scores topic)",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
+            r,
         )
         self.sink_writes = Counter("iotad_sink_writes", "Successful sink writes", ["sink"], registry=r)
         self.sink_errors = Counter("iotad_sink_errors", "Failed sink write attempts", ["sink"], registry=r)

@@ -44,9 +44,19 @@ class Inbound:
     offset: int
 
 
+@dataclass(frozen=True, slots=True)
+class ForecastErrors:
+    """One wave's forecast errors of the champion, for drift monitoring: the mean over sensors of
+    ``|x - forecast|`` in the model's normalised units, for each observed, warm, scored step."""
+
+    devices: list[str]
+    error: np.ndarray
+
+
 @dataclass
 class BatchResult:
     scores: list[ScoreRecord] = field(default_factory=list)
+    forecast_errors: list[ForecastErrors] = field(default_factory=list)
     shadow_scores: list[ScoreRecord] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     dirty: set[str] = field(default_factory=set)
@@ -311,7 +321,9 @@ class Processor:
             observed = np.array([s.observed for s in wave])
             resets = np.array([s.reset for s in wave])
             res.resets += int(resets.sum())
-            res.scores.extend(self._step(self.detector, slots[0][alive], wave_devs, wave, x, observed, resets))
+            res.scores.extend(
+                self._step(self.detector, slots[0][alive], wave_devs, wave, x, observed, resets, res.forecast_errors)
+            )
             if self.shadow is not None:
                 res.shadow_scores.extend(self._step(self.shadow, slots[1][alive], wave_devs, wave, x, observed, resets))
             self.history.append(rows[alive], x)
@@ -327,11 +339,17 @@ class Processor:
         x: np.ndarray,
         observed: np.ndarray,
         resets: np.ndarray,
+        errors: list[ForecastErrors] | None = None,
     ) -> list[ScoreRecord]:
         if resets.any():
             detector.reset(slots[resets])
         context = detector.threshold.context_of(np.fromiter((st.ts_ms for st in wave), np.int64, len(wave)))
         out = detector.step(slots, x, observed, context)
+        if errors is not None:
+            keep = observed & out.warm & np.isfinite(out.score)
+            error = (np.abs(x - out.forecast) / detector.artifact.normaliser.std).mean(axis=1)
+            kept = devs if keep.all() else [devs[i] for i in np.flatnonzero(keep).tolist()]
+            errors.append(ForecastErrors(kept, error[keep]))
         version, sensors = detector.version, self.sensors
         ok, warming = Status.OK, Status.WARMING_UP
         # Whole columns to Python objects at once (indexing numpy arrays per row costs far more); a NaN

@@ -614,3 +614,33 @@ def test_freeze_startup_objects_takes_them_out_of_the_scans() -> None:
         assert any(o is later for o in gc.get_objects())  # objects made afterwards are scanned as usual
     finally:
         gc.unfreeze()
+
+
+def test_forecast_errors_are_those_of_the_warm_scored_records(artifact):
+    """The drift monitor's input: one error per observed, warm step with a forecast, in the model's
+    normalised units, never for imputed or warming-up steps."""
+    proc = make_processor(artifact)
+    fleet = Fleet(6)
+    records: list[ScoreRecord] = []
+    devices: list[str] = []
+    errors: list[float] = []
+    imputed = 0
+    for t in range(14):
+        # dev-2 skips step 9: step 9 is imputed (unobserved) when step 10 arrives
+        batch = [m for m in fleet.batch(t) if not (t == 9 and m.key == b"dev-2")]
+        res = proc.process(batch, now_ms=T0 + t * STEP + 50)
+        records += res.scores
+        imputed += res.imputed
+        for e in res.forecast_errors:
+            assert len(e.devices) == len(e.error)
+            devices += e.devices
+            errors += e.error.tolist()
+    assert imputed == 1 and len(records) == 6 * 14 - 1
+    expected = [
+        (r.device_id, float(np.mean(np.abs(np.subtract(r.values, r.forecast)) / STD)))
+        for r in records
+        if r.forecast is not None and r.status == Status.OK
+    ]
+    assert 0 < len(expected) < len(records)  # warm-up steps are left out
+    assert devices == [d for d, _ in expected]
+    np.testing.assert_allclose(errors, [e for _, e in expected], rtol=1e-9)
