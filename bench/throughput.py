@@ -15,6 +15,9 @@ For each fleet size N (``iotad bench throughput --devices 100,10000 --json``):
    spread over the step (``staggered_p50_ms``/``staggered_p99_ms``).
 5. The batched model step alone (B = min(N, 8192)) vs one call per reading.
 
+With ``--repeats R`` each fleet size runs R such pairs on fresh stacks, alternately Faust first and the
+lean loop first, and reports the medians (and each pair under ``pairs``); latency is measured in the first.
+
 The last line of stdout (with ``--json``) is one JSON object: the largest fleet's figures at top level
 and every fleet's under ``runs``.
 """
@@ -163,7 +166,18 @@ def _step_rates(settings: Settings, batch: int) -> tuple[float, float, float]:
     return batched, single, per_device
 
 
-def bench_fleet(n_devices: int, readings: int, envelope: int, base: Path, step_ms: int = 1000) -> dict[str, Any]:
+def bench_fleet(
+    n_devices: int,
+    readings: int,
+    envelope: int,
+    base: Path,
+    step_ms: int = 1000,
+    *,
+    lean_first: bool = False,
+    latency_run: bool = True,
+) -> dict[str, Any]:
+    """One Faust/lean pair on a fresh stack and backlog; ``lean_first`` drains with the lean loop before the
+    worker starts (so neither side always meets the broker and InfluxDB second)."""
     steps = max(2 * envelope, -(-readings // n_devices) // envelope * envelope)
     name = f"bench{n_devices}e{envelope}"
     settings = Settings(
@@ -182,18 +196,22 @@ def bench_fleet(n_devices: int, readings: int, envelope: int, base: Path, step_m
         t = time.perf_counter()
         total = _preload(stack.bootstrap, settings.readings_topic, n_devices, steps, envelope, settings.step_ms)
         preload_s = time.perf_counter() - t
+        # The ceiling drains the same backlog with its own consumer group and scores topic.
+        lean_settings = settings.model_copy(update={"topic_prefix": f"{name}-lean"})
+        if lean_first:
+            ceiling = asyncio.run(run_lean(lean_settings, settings.readings_topic, total))
         worker = stack.add_worker()
         rss_ready = rss_kib(worker.pid) if worker.pid else None
         faust_rate = _drain_rate(stack, total, timeout_s=600)
         rss_drained = rss_kib(worker.pid) if worker.pid else None
-        # The ceiling drains the same backlog with its own consumer group and scores topic.
-        lean_settings = settings.model_copy(update={"topic_prefix": f"{name}-lean"})
-        ceiling = asyncio.run(run_lean(lean_settings, settings.readings_topic, total))
+        if not lean_first:
+            ceiling = asyncio.run(run_lean(lean_settings, settings.readings_topic, total))
         # Latency is paced single readings at half the single-reading rate: with envelopes, half the envelope
         # rate in single readings would overload the worker, and an envelope's readings wait for it anyway.
         # Each latency device sends one reading per step, all on the step's grid point (a synchronised fleet).
         per_device = 1000 / step_ms
-        lat_devices = max(10, min(n_devices, int(faust_rate * 0.5 / per_device))) if envelope == 1 else 0
+        paced = envelope == 1 and latency_run
+        lat_devices = max(10, min(n_devices, int(faust_rate * 0.5 / per_device))) if paced else 0
         latency: dict[str, Any] = {"p50_ms": None, "p99_ms": None}
         if lat_devices:
             latency = _latency(stack, settings, lat_devices, seconds=10)
@@ -211,6 +229,7 @@ def bench_fleet(n_devices: int, readings: int, envelope: int, base: Path, step_m
         "readings_per_s": round(faust_rate),
         "ceiling_per_s": round(ceiling),
         "ratio": round(faust_rate / ceiling, 3) if ceiling else None,
+        "lean_first": lean_first,
         "latency_devices": lat_devices,
         **latency,
         "step_batch": min(n_devices, 8192),
@@ -225,11 +244,32 @@ def bench_fleet(n_devices: int, readings: int, envelope: int, base: Path, step_m
     }
 
 
-def main(devices: list[int], readings: int, envelope: int, as_json: bool, step_ms: int = 1000) -> dict[str, Any]:
+def bench_pairs(n_devices: int, readings: int, envelope: int, base: Path, step_ms: int, repeats: int) -> dict[str, Any]:
+    """``repeats`` Faust/lean pairs, each on a fresh stack, the order alternating (Faust first in the first);
+    the rates and the ratio are the pairs' medians, the latency that of the first pair."""
+    pairs = [
+        bench_fleet(n_devices, readings, envelope, base, step_ms, lean_first=r % 2 == 1, latency_run=r == 0)
+        for r in range(repeats)
+    ]
+    if repeats == 1:
+        return pairs[0]
+    ratios = [p["ratio"] for p in pairs if p["ratio"] is not None]
+    return {
+        **pairs[0],
+        "readings_per_s": round(float(np.median([p["readings_per_s"] for p in pairs]))),
+        "ceiling_per_s": round(float(np.median([p["ceiling_per_s"] for p in pairs]))),
+        "ratio": round(float(np.median(ratios)), 3) if ratios else None,
+        "pairs": [{k: p[k] for k in ("readings_per_s", "ceiling_per_s", "ratio", "lean_first")} for p in pairs],
+    }
+
+
+def main(
+    devices: list[int], readings: int, envelope: int, as_json: bool, step_ms: int = 1000, repeats: int = 1
+) -> dict[str, Any]:
     runs = []
     with tempfile.TemporaryDirectory(prefix="iotad-bench-") as tmp:
         for n in devices:
-            run = bench_fleet(n, readings, envelope, Path(tmp), step_ms)
+            run = bench_pairs(n, readings, envelope, Path(tmp), step_ms, repeats)
             print(json.dumps(run), file=sys.stderr, flush=True)
             runs.append(run)
     result = {**runs[-1], "runs": runs}

@@ -344,12 +344,15 @@ def bench_throughput(
     readings: Annotated[int, typer.Option(help="Readings per run")] = 60000,
     envelope: Annotated[int, typer.Option(help="Readings per message (1 = single readings)")] = 1,
     step_ms: Annotated[int, typer.Option(help="Resampling step; the latency fleet sends one reading a step")] = 1000,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="Faust/lean pairs per fleet size, order alternating (median rates and ratio)")
+    ] = 1,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """End-to-end readings/s through Faust vs a lean aiokafka loop on the same broker (see bench/)."""
     from bench.throughput import main as run
 
-    run([int(d) for d in devices.split(",")], readings, envelope, as_json, step_ms)
+    run([int(d) for d in devices.split(",")], readings, envelope, as_json, step_ms, repeats)
 
 
 @bench_app.command("bad-input")

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import throughput
+
+
+def test_pairs_alternate_the_order_and_report_medians(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    rates = iter([(100, 200), (300, 250), (120, 100)])  # (Faust, lean) per pair
+    calls: list[dict[str, Any]] = []
+
+    def fake_fleet(n: int, readings: int, envelope: int, base: Path, step_ms: int, **kw: Any) -> dict[str, Any]:
+        calls.append(kw)
+        faust, lean = next(rates)
+        ratio = faust / lean
+        return {
+            "readings_per_s": faust,
+            "ceiling_per_s": lean,
+            "ratio": ratio,
+            "lean_first": kw["lean_first"],
+            "p99_ms": 5,
+        }
+
+    monkeypatch.setattr(throughput, "bench_fleet", fake_fleet)
+    out = throughput.bench_pairs(100, 1000, 10, tmp_path, 1000, repeats=3)
+    assert [c["lean_first"] for c in calls] == [False, True, False]
+    assert [c["latency_run"] for c in calls] == [True, False, False]
+    assert (out["readings_per_s"], out["ceiling_per_s"]) == (120, 200)
+    assert out["ratio"] == 1.2  # the median of the pairs' ratios (0.5, 1.2, 1.2), not 120 / 200
+    assert [p["ratio"] for p in out["pairs"]] == [0.5, 1.2, 1.2] and out["p99_ms"] == 5
