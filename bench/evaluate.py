@@ -31,6 +31,7 @@ from models.scoring import (
     ScoringConfig,
     ensemble_threshold,
     seasonal_bin,
+    slow_features,
 )
 from models.training import TrainConfig, save_trained, train
 
@@ -347,6 +348,11 @@ class SkabConfig:
     # Each member (the forecast score, each sensor's reference score) calibrated on its own: a sensor that
     # wanders widely in the training part (a slow temperature) no longer sets every sensor's threshold.
     per_member: bool = True
+    # Sensors whose training part has an autocorrelation above this at ``slow_lag`` rows are slow: while
+    # every fast member is back within its threshold, a slow sensor's lasting offset is re-anchored instead
+    # of held (CalibratedThreshold.set_slow). None: no sensor is slow.
+    slow_autocorrelation: float | None = 0.5
+    slow_lag: int = 10
 
 
 def skab_threshold(cfg: SkabConfig, n_features: int) -> CalibratedThreshold:
@@ -424,7 +430,13 @@ def run_skab(
         learn_from_anomalies=cfg.learn_from_anomalies,
         burnin_steps=cfg.burnin_steps,
     )
-    det = Detector(artifact, scoring, skab_threshold(cfg, len(sensors)), device="cpu", capacity=len(files))
+    threshold = skab_threshold(cfg, len(sensors))
+    det = Detector(artifact, scoring, threshold, device="cpu", capacity=len(files))
+    if cfg.slow_autocorrelation is not None:
+        slots = np.array([det.slot(f.name) for f in files], np.int64)
+        slow = np.array([slow_features(x[:tr], cfg.slow_lag, cfg.slow_autocorrelation) for x in z])
+        threshold.set_slow(slots, slow)
+        log(f"slow sensors (files): {dict(zip(sensors, slow.sum(axis=0).tolist(), strict=True))}")
     streamed = stream(det, z, [f.name for f in files])
     log(f"streamed {streamed.steps} batched steps in {streamed.seconds:.1f}s")
     preds = []

@@ -1262,6 +1262,17 @@ class DailyRecurrence:
         self.peak[slot] = rest if self.escalation and len(rest) == self.hours else 0.0
 
 
+def slow_features(train: np.ndarray, lag: int = 10, bound: float = 0.5) -> np.ndarray:
+    """Which features of ``train`` ``(T, F)`` (a calibration period of one slot) are slow: their
+    autocorrelation at ``lag`` steps exceeds ``bound`` (a level that carries its past, like a temperature;
+    white-ish sensor noise is near 0). A constant feature is not slow."""
+    x = np.asarray(train, np.float64)
+    x = x - x.mean(axis=0)
+    var = (x * x).sum(axis=0)
+    cov = (x[:-lag] * x[lag:]).sum(axis=0) if len(x) > lag else np.zeros(x.shape[1])
+    return np.asarray((var > 0) & (cov > bound * np.where(var > 0, var, 1.0)))
+
+
 class CalibratedThreshold(Threshold):
     """Per-slot threshold set once from the slot's own calibration period, SKAB's convention for its
     baselines: ``margin`` x the ``quantile`` of the scores of the last ``calibration_steps`` steps of the
@@ -1282,6 +1293,13 @@ class CalibratedThreshold(Threshold):
     widely in normal operation (a slow temperature) no longer sets the threshold of all the others,
     and is itself judged against its own wandering. ``hold_features`` then compares each feature with
     its own threshold. Memory: ``calibration_steps`` float32 per slot (x members with ``per_member``).
+
+    **Slow features** (:meth:`set_slow`, with ``per_member`` and ``hold_features``): a feature the caller
+    marks slow for a slot (a temperature, whose level integrates what happened before) is held while it
+    is beyond its threshold only as long as a fast member -- the forecast error or a feature not marked
+    slow -- is beyond its own too. A step flagged by slow features alone re-anchors their level at their
+    current smoothed value (so it is flagged, once): the process is back within every fast member's
+    bounds, and a lasting offset of a slow sensor is what it left behind, not an ongoing fault.
     """
 
     name = "calibrated"
@@ -1306,10 +1324,12 @@ class CalibratedThreshold(Threshold):
         self.hold_features = hold_features
         self.per_member = per_member
         self._flagged = np.zeros(0, bool)  # this step's flags (transform -> update of the same step)
+        self._fast = np.zeros(0, bool)  # this step's rows with a fast member beyond its threshold
         self.n = np.zeros(0, np.int64)
         self.c = 0 if per_member else 1  # calibrated columns (per_member: 1 + features, once known)
         self.buf = np.zeros((0, calibration_steps, self.c), np.float32)
         self.col = np.zeros((0, self.c))  # per-column thresholds (per_member)
+        self.slow = np.zeros((0, max(self.c - 1, 0)), bool)  # per-feature slow marks (per_member)
         self.value = np.zeros(0)
 
     def _columns(self, c: int) -> None:
@@ -1317,6 +1337,16 @@ class CalibratedThreshold(Threshold):
             self.c = c
             self.buf = np.zeros((len(self.n), self.calibration_steps, c), np.float32)
             self.col = np.full((len(self.n), c), np.inf)
+            self.slow = np.zeros((len(self.n), max(c - 1, 0)), bool)
+
+    def set_slow(self, slots: np.ndarray, slow: np.ndarray) -> None:
+        """Mark the slow features ``(len(slots), F)`` of ``slots`` (call after the slot's reset; kept by
+        export/restore). Needs ``per_member``, ``hold_features`` and a reference member."""
+        if not (self.per_member and self.hold_features and self.reference is not None):
+            raise ValueError("slow features need per_member, hold_features and a reference member")
+        slow = np.asarray(slow, bool)
+        self._columns(1 + slow.shape[1])
+        self.slow[slots] = slow
 
     def grow(self, capacity: int) -> None:
         extra = capacity - len(self.n)
@@ -1325,6 +1355,7 @@ class CalibratedThreshold(Threshold):
         self.n = np.concatenate([self.n, np.zeros(extra, np.int64)])
         self.buf = np.concatenate([self.buf, np.zeros((extra, self.calibration_steps, self.c), np.float32)])
         self.col = np.concatenate([self.col, np.full((extra, self.c), np.inf)])
+        self.slow = np.concatenate([self.slow, np.zeros((extra, self.slow.shape[1]), bool)])
         self.value = np.concatenate([self.value, np.full(extra, np.inf)])
         if self.reference is not None:
             self.reference.grow(capacity)
@@ -1333,6 +1364,7 @@ class CalibratedThreshold(Threshold):
         self.n[slots] = 0
         self.value[slots] = np.inf
         self.col[slots] = np.inf
+        self.slow[slots] = False
         if self.reference is not None:
             self.reference.reset(slots)
 
@@ -1351,8 +1383,10 @@ class CalibratedThreshold(Threshold):
             self._columns(cols.shape[1])
             col = self.col[slots]
             calibrated = np.isfinite(col).all(axis=1)
-            ratio = (cols / np.where(calibrated[:, None], np.maximum(col, 1e-12), 1.0)).max(axis=1)
-            raw = np.where(calibrated, ratio, cols.max(axis=1))  # the plain max until calibrated
+            ratios = cols / np.where(calibrated[:, None], np.maximum(col, 1e-12), 1.0)
+            fast = np.column_stack([np.ones(len(slots), bool), ~self.slow[slots]])  # the forecast error is fast
+            self._fast = calibrated & ((ratios > 1.0) & fast).any(axis=1)
+            raw = np.where(calibrated, ratios.max(axis=1), cols.max(axis=1))  # the plain max until calibrated
         else:
             if self.reference is not None:
                 raw = np.maximum(raw, self.reference.step(slots, x, seen))
@@ -1380,13 +1414,19 @@ class CalibratedThreshold(Threshold):
             bound = self.col[slots][:, 1:] if self.per_member else self.value[slots][:, None]
             quiet = self.reference.z <= bound
             self.reference.update(slots, learn[:, None] | (self._flagged[:, None] & quiet))
+            if self.per_member and len(self._fast) == len(slots):
+                # flagged by slow features alone: re-anchored where they are
+                anchor = (self._flagged & ~self._fast)[:, None] & self.slow[slots] & ~quiet
+                if anchor.any():
+                    ref = self.reference
+                    ref.level[slots] = np.where(anchor, ref.ema[slots], ref.level[slots])
         else:
             self.reference.update(slots, learn)
 
     def export(self, slot: int) -> list[float]:
         head = [float(self.n[slot]), float(self.value[slot])]
         if self.per_member:
-            head += [float(self.c), *self.col[slot].tolist()]
+            head += [float(self.c), *self.col[slot].tolist(), *self.slow[slot].astype(np.float64).tolist()]
         tail = self.reference.export(slot) if self.reference is not None else []
         return head + self.buf[slot].astype(np.float64).ravel().tolist() + tail
 
@@ -1395,11 +1435,12 @@ class CalibratedThreshold(Threshold):
             if len(state) < 3:
                 return
             c = int(state[2])
-            if c < 1 or len(state) < 3 + c + self.calibration_steps * c:
+            if c < 1 or len(state) < 3 + c + (c - 1) + self.calibration_steps * c:
                 return
             self._columns(c)
             self.col[slot] = state[3 : 3 + c]
-            o = 3 + c
+            self.slow[slot] = np.asarray(state[3 + c : 2 + 2 * c]) > 0.5
+            o = 2 + 2 * c
         else:
             o = 2
         m = self.calibration_steps * self.c

@@ -20,6 +20,7 @@ from models.scoring import (
     erfc,
     log_likelihood,
     make_threshold,
+    slow_features,
     tail_probability,
 )
 from tests.unit.test_detector import STD, make_artifact, make_detector, noisy
@@ -723,3 +724,56 @@ def test_reference_state_restores_into_a_member_that_has_not_stepped_yet():
     assert fresh.export(0) == a.export(0)
     x = rng.normal(size=(1, 3))
     assert fresh.step(np.array([0]), x, np.array([True])) == pytest.approx(a.step(np.array([0]), x, np.array([True])))
+
+
+def test_slow_features_are_those_that_carry_their_level() -> None:
+    rng = np.random.default_rng(5)
+    t = np.arange(400)
+    train = np.column_stack(
+        [
+            np.cumsum(rng.normal(0, 0.1, 400)),  # a random walk: slow
+            np.sin(2 * np.pi * t / 300.0) + rng.normal(0, 0.05, 400),  # a slow swing
+            rng.normal(0, 1.0, 400),  # sensor noise: fast
+            np.full(400, 3.0),  # constant: nothing to carry
+        ]
+    )
+    np.testing.assert_array_equal(slow_features(train, lag=10, bound=0.5), [True, True, False, False])
+    assert not slow_features(train[:5], lag=10).any()  # too short to tell
+
+
+def _lock_in(seed: int, n: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Feature 0 is slow (a temperature), feature 1 fast. At 600..750 the fast one shifts and the slow one
+    drifts away; after 750 the fast one is back, the slow one stays where the fault left it."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 0.3, (n, 1, 2))
+    x[:, 0, 0] = np.convolve(rng.normal(0, 0.3, n + 49), np.ones(50) / 50, mode="valid")  # smooth, slow
+    x[600:750, 0, 1] += 3.0
+    x[600:750, 0, 0] += np.linspace(0, 4.0, 150)
+    x[750:, 0, 0] += 4.0
+    return x, np.abs(rng.normal(size=(n, 1)))
+
+
+def test_a_slow_sensor_left_offset_by_a_fault_is_reanchored_once_the_fast_ones_are_back() -> None:
+    x, raw = _lock_in(31)
+    slow_marks = slow_features(x[:400, 0], lag=10, bound=0.5)
+    assert slow_marks.tolist() == [True, False]
+    _, held = _run_calibrated(_calibrated(True), x, raw)
+    thr = _calibrated(True)
+    thr.grow(1)
+    thr.set_slow(np.array([0]), slow_marks[None, :])
+    _, released = _run_calibrated(thr, x, raw)
+    assert held[610:745, 0].mean() > 0.9 and released[610:745, 0].mean() > 0.9  # the fault: flagged either way
+    assert held[800:, 0].mean() > 0.9  # held, the slow sensor stays flagged for good (the lock-in)
+    assert released[770:, 0].mean() < 0.05  # re-anchored once the fast sensor is back
+    # before the fault a slow sensor's own wandering beyond its threshold is re-anchored too
+    assert released[:600, 0].mean() < held[:600, 0].mean() and released[:600, 0].mean() < 0.02
+    # the marks are per slot state: exported and restored with it, cleared by a reset
+    other = _calibrated(True)
+    other.grow(2)
+    other.reference.step(np.array([1]), x[0], np.array([False]))
+    other.restore(1, thr.export(0))
+    assert other.export(1) == thr.export(0) and other.slow[1].tolist() == [True, False]
+    other.reset(np.array([1]))
+    assert not other.slow[1].any()
+    with pytest.raises(ValueError):
+        _calibrated(False).set_slow(np.array([0]), slow_marks[None, :])
