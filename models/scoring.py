@@ -1270,7 +1270,7 @@ def slow_features(train: np.ndarray, lag: int = 10, bound: float = 0.5) -> np.nd
     x = x - x.mean(axis=0)
     var = (x * x).sum(axis=0)
     cov = (x[:-lag] * x[lag:]).sum(axis=0) if len(x) > lag else np.zeros(x.shape[1])
-    return np.asarray((var > 0) & (cov > bound * np.where(var > 0, var, 1.0)))
+    return (var > 0) & (cov > bound * var)
 
 
 class CalibratedThreshold(Threshold):

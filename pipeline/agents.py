@@ -38,7 +38,7 @@ from models.drift import DriftMonitor
 from pipeline import control as ctl
 from pipeline.app import Components, build_detector, fetch_version, write_checkpoints
 from pipeline.continuity import Hole, OffsetContinuity
-from pipeline.groups import DEFAULT_GROUP, device_grouper
+from pipeline.groups import device_grouper
 from pipeline.processor import BatchResult, Inbound
 from pipeline.records import DeadLetter, score_json, score_line
 
@@ -66,7 +66,6 @@ class ScoringService:
             else None
         )
         self.group_of = device_grouper(s.device_group_pattern)
-        self.single_group = not s.device_group_pattern  # every device in DEFAULT_GROUP: no per-row lookup
         self._partitions: dict[str, list[int]] = {}
         self._partitioner = DefaultPartitioner()
         self._partition_of: dict[str, dict[bytes, int]] = {}  # topic -> key -> partition (scores: device ids)
@@ -332,19 +331,11 @@ class ScoringService:
         if not res.forecast_errors:
             return
         errors = np.concatenate([e.error for e in res.forecast_errors])
-        if not errors.size:
-            return
-        groups: dict[str, np.ndarray]
-        if self.single_group:
-            groups = {DEFAULT_GROUP: errors}
-        else:
-            names = [self.group_of(d) for e in res.forecast_errors for d in e.devices]
-            index: dict[str, list[int]] = {}
-            for i, name in enumerate(names):
-                index.setdefault(name, []).append(i)
-            groups = {name: errors[idx] for name, idx in index.items()}
-        for group, group_errors in groups.items():
-            value = self.drift.update(group, group_errors)
+        rows: dict[str, list[int]] = {}
+        for i, device in enumerate(d for e in res.forecast_errors for d in e.devices):
+            rows.setdefault(self.group_of(device), []).append(i)
+        for group, idx in rows.items():
+            value = self.drift.update(group, errors[idx])
             self.c.metrics.drift_psi.labels(group).set(self.drift.groups[group].last_psi)
             if value is not None:
                 reason = f"forecast-error drift in device group {group!r}: PSI {value:.3f} > {self.drift.bound}"
