@@ -3,8 +3,8 @@
 This is an *offline, windowed* scorer (:mod:`models.autoencoder`), not the live streaming code path of
 :mod:`bench.evaluate`: the score of row ``t`` is the reconstruction error of the window of the ``W`` rows
 ending at ``t``, recomputed for every row. It is still causal (rows ``<= t`` only), so its predictions
-are scored exactly like the streaming scorer's (:func:`bench.skab.summarise`, same JSON keys, plus
-``"scorer": "bilstm-ae"``).
+are thresholded and scored exactly like the streaming scorer's (:func:`bench.skab.detect`, same JSON keys,
+plus ``"scorer": "bilstm-ae"``).
 
 What is fitted on what (the issue's rules; no label is read before scoring):
 
@@ -16,7 +16,8 @@ What is fitted on what (the issue's rules; no label is read before scoring):
   the last 15 % of each, for early stopping).
 * Each file's threshold is SKAB's convention: 1.5 x the 99th percentile of its scores over the windows
   ending in its training part (with ``per_sensor``, of each sensor's error on its own). Rows 400+ are
-  flagged above it; the training rows are predicted 0.
+  flagged above one global alarm level times it, chosen per scoreboard as for the streaming scorer
+  (:func:`bench.skab.detect`); the training rows are predicted 0.
 
 How a window is presented (``AutoencoderTrainConfig.centre``), both evaluated once (bench/README.md):
 centred on its own mean (``"window"``, the window's *shape*) was the candidate against the streaming
@@ -80,6 +81,10 @@ class WindowedSkabConfig:
     # Each sensor's window error against its own threshold (score = the largest ratio, flagged above 1)
     # instead of the mean over the sensors against one: an anomaly of one sensor is not averaged away.
     per_sensor: bool = False
+    # The reported detections at one global alarm level per scoreboard, as the streaming scorer's
+    # (bench.skab.detect).
+    alarm_grid: tuple[float, ...] = skabdata.ALARM_GRID
+    far_budget: float | None = skabdata.FAR_BUDGET
 
 
 def file_scale(x: np.ndarray, window: int, centre: Centre) -> np.ndarray:
@@ -130,7 +135,7 @@ def run_skab_windowed(
     log(f"trained in {train_s:.1f}s ({result.metrics['epochs']} epochs, val mse {result.metrics['val_mse']:.4f})")
 
     t0 = time.perf_counter()
-    scores, thresholds, preds = [], [], []
+    scores, thresholds = [], []
     for x in z:
         err = window_errors(artifact.model, artifact.normaliser, x)
         if cfg.per_sensor:
@@ -139,26 +144,30 @@ def run_skab_windowed(
         else:
             sc = err.mean(axis=1)  # window_scores
             thr = cfg.margin * float(np.quantile(sc[w - 1 : tr], cfg.quantile))
-        p = (np.nan_to_num(sc, nan=0.0) > thr).astype(np.int64)
-        p[:tr] = 0
         scores.append(sc)
         thresholds.append(thr)
-        preds.append(p)
     score_s = time.perf_counter() - t0
     log(f"scored {sum(len(x) - w + 1 for x in z)} windows in {score_s:.1f}s")
+    found = skabdata.detect(
+        files,
+        scores,
+        [np.full(len(s), t) for s, t in zip(scores, thresholds, strict=True)],
+        cfg.alarm_grid,
+        cfg.far_budget,
+    )
+    log(f"alarm levels: outliers {found.alarms.outlier}, changepoints {found.alarms.changepoint}")
 
     if export is not None:
-        for f, p in zip(files, preds, strict=True):
-            skabdata.write_results(Path(export), f, p, skabdata.changepoints_from_outliers(p))
+        found.export(Path(export), files)
     if out_dir is not None and plots:
-        for f, x, sc, th, p in zip(files, z, scores, thresholds, preds, strict=True):
+        for f, x, sc, th, p in zip(files, z, scores, thresholds, found.outliers, strict=True):
             path = out_dir / "skab-bilstm-ae" / f"{f.name.replace('/', '__')}.png"
-            _plot_skab(path, f, sensors, x, sc, np.full(len(x), th), p)
+            _plot_skab(path, f, sensors, x, sc, np.full(len(x), found.alarms.outlier * th), p)
     summary: dict[str, Any] = {
         "dataset": "skab",
         "scorer": SCORER,
         "files": len(files),
-        **skabdata.summarise(files, preds),
+        **found.summary(files, cfg.far_budget),
         "seconds": {
             "train": round(train_s, 1),
             "score": round(score_s, 1),

@@ -33,6 +33,10 @@ import numpy as np
 
 TRAIN_ROWS = 400
 CP_WINDOW_S = 60.0
+# The alarm levels tried by choose_alarms (x each file's calibrated threshold) and the false-alarm budget
+# (%) within which the outlier level maximises F1: the issue's FAR target.
+ALARM_GRID = tuple(round(0.8 + 0.05 * i, 2) for i in range(25))
+FAR_BUDGET = 13.0
 SKAB_PROFILES = {"Standard": (1.0, -0.11, -1.0), "LowFP": (1.0, -0.22, -1.0), "LowFN": (1.0, -0.11, -2.0)}
 
 
@@ -205,12 +209,33 @@ def write_results(directory: Path, f: SkabFile, anomaly: np.ndarray, changepoint
     return path
 
 
-def summarise(files: Sequence[SkabFile], preds: Sequence[np.ndarray]) -> dict[str, Any]:
+def alarm_predictions(score: np.ndarray, threshold: np.ndarray, alarm: float) -> np.ndarray:
+    """0/1 per row: the score above ``alarm`` x the row's threshold; rows without a finite score or
+    threshold (not yet calibrated) and the training part are 0."""
+    s, t = np.asarray(score, np.float64), np.asarray(threshold, np.float64)
+    ok = np.isfinite(s) & np.isfinite(t)
+    pred = (ok & (np.where(ok, s, 0.0) > alarm * np.where(ok, t, 0.0))).astype(np.int64)
+    pred[:TRAIN_ROWS] = 0
+    return pred
+
+
+@dataclass(frozen=True)
+class Alarms:
+    """The global alarm level of each SKAB scoreboard and the operating curve it was chosen from."""
+
+    outlier: float
+    changepoint: float
+    curve: list[dict[str, float]]
+
+
+def summarise(
+    files: Sequence[SkabFile], preds: Sequence[np.ndarray], cp_preds: Sequence[np.ndarray] | None = None
+) -> dict[str, Any]:
     """SKAB's figures of per-row predictions (0 on the training rows): pooled binary metrics and
-    changepoint scores (``|diff(pred)|``) on the scored rows (``TRAIN_ROWS`` onwards), and the same on all
-    rows; the keys of ``iotad evaluate skab --json``."""
+    changepoint scores (``|diff|`` of ``cp_preds``, by default the same predictions) on the scored rows
+    (``TRAIN_ROWS`` onwards), and the same on all rows; the keys of ``iotad evaluate skab --json``."""
     tr = TRAIN_ROWS
-    cps = [changepoints_from_outliers(p) for p in preds]
+    cps = [changepoints_from_outliers(p) for p in (preds if cp_preds is None else cp_preds)]
     b = binary([f.anomaly[tr:] for f in files], [p[tr:] for p in preds])
     cp = nab_changepoints([f.seconds[tr:] for f in files], [f.changepoint[tr:] for f in files], [c[tr:] for c in cps])
     b_all = binary([f.anomaly for f in files], preds)
@@ -230,3 +255,67 @@ def summarise(files: Sequence[SkabFile], preds: Sequence[np.ndarray]) -> dict[st
             "nab_standard": round(cp_all["Standard"], 2),
         },
     }
+
+
+def choose_alarms(
+    files: Sequence[SkabFile],
+    scores: Sequence[np.ndarray],
+    thresholds: Sequence[np.ndarray],
+    grid: Sequence[float],
+    far_budget: float | None,
+) -> Alarms:
+    """NAB's way of thresholding a detector, for each of SKAB's two scoreboards: one alarm level for all
+    files (in units of each file's own calibrated threshold), chosen on the labels from ``grid``. Outliers:
+    the level with the best F1 among those whose false-alarm rate is within ``far_budget`` % (the lowest
+    FAR if none is; any FAR with None); changepoints: the level with the best NAB standard score."""
+    curve = []
+    for alarm in grid:
+        fig = summarise(files, [alarm_predictions(s, t, alarm) for s, t in zip(scores, thresholds, strict=True)])
+        curve.append({"alarm": round(float(alarm), 4), **{k: fig[k] for k in ("f1", "far", "mar", "nab_standard")}})
+    within = [c for c in curve if far_budget is None or c["far"] <= far_budget]
+    outlier = max(within, key=lambda c: c["f1"]) if within else min(curve, key=lambda c: c["far"])
+    changepoint = max(curve, key=lambda c: c["nab_standard"])
+    return Alarms(outlier["alarm"], changepoint["alarm"], curve)
+
+
+@dataclass(frozen=True)
+class Detections:
+    """What a SKAB run reports: the per-row outlier detections at ``alarms.outlier`` and, at
+    ``alarms.changepoint``, the detections whose ``|diff|`` are the predicted changepoints."""
+
+    alarms: Alarms
+    outliers: list[np.ndarray]
+    changepoints: list[np.ndarray]
+
+    def summary(self, files: Sequence[SkabFile], far_budget: float | None) -> dict[str, Any]:
+        return {
+            **summarise(files, self.outliers, self.changepoints),
+            "alarms": {
+                "outlier": self.alarms.outlier,
+                "changepoint": self.alarms.changepoint,
+                "far_budget": far_budget,
+            },
+            "operating_curve": self.alarms.curve,
+        }
+
+    def export(self, directory: Path, files: Sequence[SkabFile]) -> None:
+        """SKAB's results layout (:func:`write_results`) for every file."""
+        for f, p, c in zip(files, self.outliers, self.changepoints, strict=True):
+            write_results(directory, f, p, changepoints_from_outliers(c))
+
+
+def detect(
+    files: Sequence[SkabFile],
+    scores: Sequence[np.ndarray],
+    thresholds: Sequence[np.ndarray],
+    grid: Sequence[float],
+    far_budget: float | None,
+) -> Detections:
+    """The detections of per-row scores and calibrated thresholds at the alarm levels :func:`choose_alarms`
+    picks from ``grid`` (an empty grid: both at 1, the calibrated threshold itself)."""
+    alarms = choose_alarms(files, scores, thresholds, grid, far_budget) if grid else Alarms(1.0, 1.0, [])
+    outliers, changepoints = (
+        [alarm_predictions(s, t, a) for s, t in zip(scores, thresholds, strict=True)]
+        for a in (alarms.outlier, alarms.changepoint)
+    )
+    return Detections(alarms, outliers, changepoints)
