@@ -458,7 +458,7 @@ def run_skab(
     summary: dict[str, Any] = {
         "dataset": "skab",
         "files": len(files),
-        **found.summary(files, cfg.far_budget),
+        **found.summary(files),
         "seconds": {
             "train": round(train_s, 1),
             "stream": round(streamed.seconds, 1),

@@ -167,7 +167,7 @@ def run_skab_windowed(
         "dataset": "skab",
         "scorer": SCORER,
         "files": len(files),
-        **found.summary(files, cfg.far_budget),
+        **found.summary(files),
         "seconds": {
             "train": round(train_s, 1),
             "score": round(score_s, 1),

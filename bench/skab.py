@@ -225,6 +225,7 @@ class Alarms:
 
     outlier: float
     changepoint: float
+    far_budget: float | None
     curve: list[dict[str, float]]
 
 
@@ -275,7 +276,7 @@ def choose_alarms(
     within = [c for c in curve if far_budget is None or c["far"] <= far_budget]
     outlier = max(within, key=lambda c: c["f1"]) if within else min(curve, key=lambda c: c["far"])
     changepoint = max(curve, key=lambda c: c["nab_standard"])
-    return Alarms(outlier["alarm"], changepoint["alarm"], curve)
+    return Alarms(outlier["alarm"], changepoint["alarm"], far_budget, curve)
 
 
 @dataclass(frozen=True)
@@ -287,15 +288,12 @@ class Detections:
     outliers: list[np.ndarray]
     changepoints: list[np.ndarray]
 
-    def summary(self, files: Sequence[SkabFile], far_budget: float | None) -> dict[str, Any]:
+    def summary(self, files: Sequence[SkabFile]) -> dict[str, Any]:
+        a = self.alarms
         return {
             **summarise(files, self.outliers, self.changepoints),
-            "alarms": {
-                "outlier": self.alarms.outlier,
-                "changepoint": self.alarms.changepoint,
-                "far_budget": far_budget,
-            },
-            "operating_curve": self.alarms.curve,
+            "alarms": {"outlier": a.outlier, "changepoint": a.changepoint, "far_budget": a.far_budget},
+            "operating_curve": a.curve,
         }
 
     def export(self, directory: Path, files: Sequence[SkabFile]) -> None:
@@ -313,7 +311,7 @@ def detect(
 ) -> Detections:
     """The detections of per-row scores and calibrated thresholds at the alarm levels :func:`choose_alarms`
     picks from ``grid`` (an empty grid: both at 1, the calibrated threshold itself)."""
-    alarms = choose_alarms(files, scores, thresholds, grid, far_budget) if grid else Alarms(1.0, 1.0, [])
+    alarms = choose_alarms(files, scores, thresholds, grid, far_budget) if grid else Alarms(1.0, 1.0, far_budget, [])
     outliers, changepoints = (
         [alarm_predictions(s, t, a) for s, t in zip(scores, thresholds, strict=True)]
         for a in (alarms.outlier, alarms.changepoint)
