@@ -210,11 +210,9 @@ def write_results(directory: Path, f: SkabFile, anomaly: np.ndarray, changepoint
 
 
 def alarm_predictions(score: np.ndarray, threshold: np.ndarray, alarm: float) -> np.ndarray:
-    """0/1 per row: the score above ``alarm`` x the row's threshold; rows without a finite score or
-    threshold (not yet calibrated) and the training part are 0."""
-    s, t = np.asarray(score, np.float64), np.asarray(threshold, np.float64)
-    ok = np.isfinite(s) & np.isfinite(t)
-    pred = (ok & (np.where(ok, s, 0.0) > alarm * np.where(ok, t, 0.0))).astype(np.int64)
+    """0/1 per row: the score above ``alarm`` x the row's threshold (a NaN score, or a threshold not yet
+    calibrated, NaN or inf, is never above it); the training part is 0."""
+    pred = (np.asarray(score, np.float64) > alarm * np.asarray(threshold, np.float64)).astype(np.int64)
     pred[:TRAIN_ROWS] = 0
     return pred
 
