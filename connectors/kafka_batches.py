@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatch
 
 # The producer's record batch size (``max_batch_size``; Faust's ``producer_max_batch_size``): just under
 # what a default Kafka broker accepts in one batch (``message.max.bytes`` 1,048,588). Per partition the
@@ -19,23 +21,43 @@ from aiokafka import AIOKafkaProducer
 # checkpoints (~1.2 KiB each) went out 13 to a batch, one produce round trip after another.
 RECORD_BATCH_BYTES = 1_000_000
 
+# Codecs both clients read with this project's dependencies (lz4: cramjam for aiokafka, lz4 for kafka-python).
+Compression = Literal["none", "gzip", "lz4"]
+# aiokafka's codec ids (its producer takes one compression for all it sends; these batches choose their own).
+_CODECS: dict[Compression, int] = {
+    "none": DefaultRecordBatch.CODEC_NONE,
+    "gzip": DefaultRecordBatch.CODEC_GZIP,
+    "lz4": DefaultRecordBatch.CODEC_LZ4,
+}
+
 Headers = list[tuple[str, bytes]]  # aiokafka's C batch builder takes a list only
 Record = tuple[bytes | None, bytes | None, Headers]
 
 
 async def send_batches(
-    producer: AIOKafkaProducer, topic: str, by_partition: Mapping[int, Iterable[Record]]
+    producer: AIOKafkaProducer,
+    topic: str,
+    by_partition: Mapping[int, Iterable[Record]],
+    *,
+    compression: Compression | None = None,
 ) -> list[Awaitable[Any]]:
     """Queue each partition's records as record batches (a full batch is sent and a new one started);
     returns the delivery futures, to be awaited by the caller. A fresh batch takes any single record, so an
-    oversized record still goes out whole (up to the producer's ``max_request_size``)."""
+    oversized record still goes out whole (up to the producer's ``max_request_size``). ``compression``
+    overrides the producer's own for these batches (None: the producer's)."""
+
+    def new_batch() -> BatchBuilder:
+        if compression is None:
+            return producer.create_batch()
+        return BatchBuilder(RECORD_BATCH_BYTES, _CODECS[compression])
+
     futures: list[Awaitable[Any]] = []
     for partition, records in by_partition.items():
-        batch = producer.create_batch()
+        batch = new_batch()
         for key, value, headers in records:
             if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
                 futures.append(await producer.send_batch(batch, topic, partition=partition))
-                batch = producer.create_batch()
+                batch = new_batch()
                 batch.append(key=key, value=value, timestamp=None, headers=headers)
         futures.append(await producer.send_batch(batch, topic, partition=partition))
     return futures

@@ -308,7 +308,9 @@ class ScoringService:
         by_partition: dict[int, list[Record]] = {}
         for d in dead:
             by_partition.setdefault(parts[d.partition % len(parts)], []).append((d.key, d.value, d.headers()))
-        return await send_batches(self._aio(), self.dlq_topic, by_partition)
+        return await send_batches(
+            self._aio(), self.dlq_topic, by_partition, compression=self.c.settings.dlq_compression
+        )
 
     async def _send_batched(self, topic: str, records: list[tuple[bytes, bytes]]) -> list[Awaitable[Any]]:
         """Keyed records as record batches, each to the partition every Kafka client's default partitioner

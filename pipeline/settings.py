@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from connectors.kafka_batches import Compression
 from models import DEFAULT_MODEL_DIR
 from pipeline.settings_files import ValueFileSettingsSource
 
@@ -54,6 +55,10 @@ class Settings(BaseSettings):
     max_future_skew_ms: int = Field(300_000, description="Readings further in the future are rejected")
     min_timestamp_ms: int = Field(946_684_800_000, description="Readings older than this are rejected")
 
+    dlq_compression: Compression = Field(
+        "lz4",
+        description="Record-batch compression of the dead-letter topic (bad input can be huge and repetitive)",
+    )
     kafka_fetch_max_wait_ms: int = Field(
         100, ge=1, description="Longest the broker may hold a worker's fetch when no data is waiting"
     )

@@ -5,12 +5,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.record.default_records import DefaultRecordBatch
 
 from connectors.kafka_admin import create_topics, read_all
-from connectors.kafka_batches import CHANGELOG_MARKER, RECORD_BATCH_BYTES, Record, send_batches, send_checkpoints
+from connectors.kafka_batches import (
+    CHANGELOG_MARKER,
+    RECORD_BATCH_BYTES,
+    Compression,
+    Record,
+    send_batches,
+    send_checkpoints,
+)
 from connectors.localstack import Tansu
 from pipeline.app import make_faust_app
 from pipeline.settings import Settings
@@ -64,3 +73,47 @@ def test_checkpoints_end_with_the_marker_and_faust_apps_use_the_batch_size(
     assert got[-1].key == CHANGELOG_MARKER
     app = make_faust_app(Settings(kafka_bootstrap=tansu.bootstrap, data_dir=tmp_path), unique_name("app"))
     assert app.conf.producer_max_batch_size == RECORD_BATCH_BYTES
+
+
+@pytest.mark.parametrize("compression", ["lz4", "gzip", "none"])
+def test_batches_in_their_own_compression_arrive_intact(
+    tansu: Tansu, unique_name: Callable[[str], str], compression: Compression
+) -> None:
+    """The dead letters' case: a huge repetitive payload and key, binary bytes, headers, no key."""
+    topic = unique_name(f"codec-{compression}")
+    create_topics(tansu.bootstrap, {topic: 2})
+    records: list[Record] = [
+        (b"k" * 100_000, b"x" * 1_000_000, [("iotad-reason", b"oversized")]),
+        (None, bytes(range(256)), []),
+        (b"d1", b"{}", [("iotad-reason", b"bad_schema"), ("iotad-error", b"\xff")]),
+    ]
+    built: list[bytes] = []
+
+    async def run() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=tansu.bootstrap)  # no compression of its own
+        await producer.start()
+        send_batch = producer.send_batch
+
+        async def keep(batch: Any, topic: str, *, partition: int) -> Any:
+            future = await send_batch(batch, topic, partition=partition)
+            built.append(batch._build())  # the bytes that went to the broker
+            return future
+
+        producer.send_batch = keep
+        try:
+            await asyncio.gather(
+                *await send_batches(producer, topic, {0: records, 1: records[1:]}, compression=compression)
+            )
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+    codec = {"lz4": DefaultRecordBatch.CODEC_LZ4, "gzip": DefaultRecordBatch.CODEC_GZIP, "none": 0}[compression]
+    # The 1.1 MB record fills partition 0's first batch alone: three batches, each in the chosen codec.
+    assert [DefaultRecordBatch(b).compression_type for b in built] == [codec] * 3
+    if compression != "none":
+        assert len(built[0]) < 50_000  # 1.1 MB of records
+    got = read_all(tansu.bootstrap, topic, min_records=5)
+    assert [(r.partition, r.key, r.value, list(r.headers.items())) for r in got] == [
+        (p, k, v, h) for p, rs in ((0, records), (1, records[1:])) for k, v, h in rs
+    ]
