@@ -800,10 +800,12 @@ class ReferenceDeviation(_SlotRows):
     error only sees at the transitions. Per slot and feature, the input ``x`` is smoothed by an EWMA of
     ``span`` steps. Its first ``skip_steps`` seen steps only warm the EWMA up; the next ``reference_steps``
     fix the reference: the mean and std of the smoothed input (the std floored at ``scale_floor``, per
-    feature). The score is ``max_f |ema_f - level_f| / std_f``, where the level starts at the reference
-    mean and then follows the smoothed input with an EWMA of half-life ``halflife_steps`` -- learning
-    only from the steps the caller lets learn (e.g. not the flagged ones), so a flagged level shift
-    stays flagged while slow normal drifts are followed. Scores are 0 until the reference is set.
+    feature: 0.1 input units, as :class:`SeasonalDeviation`'s scale, so that a sensor that sat still
+    through its reference period scores its later moves in tens, not in millions). The score is
+    ``max_f |ema_f - level_f| / std_f``, where the level starts at the reference mean and then follows
+    the smoothed input with an EWMA of half-life ``halflife_steps`` -- learning only from the steps the
+    caller lets learn (e.g. not the flagged ones), so a flagged level shift stays flagged while slow
+    normal drifts are followed. Scores are 0 until the reference is set.
     """
 
     ROWS = ("ema", "mean", "m2", "level")  # smoothed input; reference mean / sum of squares; level
@@ -817,7 +819,7 @@ class ReferenceDeviation(_SlotRows):
         skip_steps: int = 20,
         reference_steps: int = 200,
         halflife_steps: float = 100.0,
-        scale_floor: np.ndarray | float = 1e-6,
+        scale_floor: np.ndarray | float = 0.1,
     ) -> None:
         if span < 1 or reference_steps < 2 or skip_steps < 0 or halflife_steps <= 0:
             raise ValueError("span >= 1, reference_steps >= 2, skip_steps >= 0, halflife_steps > 0")

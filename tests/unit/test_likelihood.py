@@ -184,6 +184,19 @@ def test_reference_deviation_keeps_a_flagged_shift_flagged_but_follows_learnt_dr
             assert s[420:].min() > 10  # not learnt: stays flagged
 
 
+def test_reference_deviation_of_a_constant_reference_period_is_bounded_by_its_scale_floor():
+    """A sensor that sat still through its reference period (a door, a valve, an idle disk) has a
+    reference std of 0. Its later moves are scored against the floor (0.1 input units, the seasonal
+    member's too), not against nothing: a 1-unit shift is z = 10, not 1e6."""
+    ref = ReferenceDeviation(span=10, skip_steps=5, reference_steps=50, halflife_steps=100)
+    ref.grow(1)
+    x = np.zeros((200, 1, 1))
+    x[100:, 0, 0] = 1.0
+    s = np.array([ref.step(np.array([0]), x[t], np.array([True]))[0] for t in range(200)])
+    assert (s[55:100] == 0).all()
+    assert s[-1] == pytest.approx(10.0, rel=1e-3)  # the smoothed value has converged to the shift
+
+
 def test_calibrated_threshold_is_margin_times_the_calibration_quantile():
     thr = CalibratedThreshold(skip_steps=5, calibration_steps=100, quantile=0.9, margin=2.0)
     thr.grow(2)
