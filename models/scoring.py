@@ -200,6 +200,9 @@ class AdaptiveThreshold(Threshold):
 
 _SQRT2 = math.sqrt(2.0)
 _FAR = 1 << 40  # "no red step yet"
+# The least scale a level member (reference, seasonal) divides by, in input units: below it a sensor was
+# still, not quiet, and dividing by its near-zero spread would score its next move in millions.
+LEVEL_SCALE_FLOOR = 0.1
 _LOG_1E10 = math.log(1e-10)
 
 
@@ -800,8 +803,7 @@ class ReferenceDeviation(_SlotRows):
     error only sees at the transitions. Per slot and feature, the input ``x`` is smoothed by an EWMA of
     ``span`` steps. Its first ``skip_steps`` seen steps only warm the EWMA up; the next ``reference_steps``
     fix the reference: the mean and std of the smoothed input (the std floored at ``scale_floor``, per
-    feature: 0.1 input units, as :class:`SeasonalDeviation`'s scale, so that a sensor that sat still
-    through its reference period scores its later moves in tens, not in millions). The score is
+    feature; :data:`LEVEL_SCALE_FLOOR` by default, as :class:`SeasonalDeviation`'s scale). The score is
     ``max_f |ema_f - level_f| / std_f``, where the level starts at the reference mean and then follows
     the smoothed input with an EWMA of half-life ``halflife_steps`` -- learning only from the steps the
     caller lets learn (e.g. not the flagged ones), so a flagged level shift stays flagged while slow
@@ -819,7 +821,7 @@ class ReferenceDeviation(_SlotRows):
         skip_steps: int = 20,
         reference_steps: int = 200,
         halflife_steps: float = 100.0,
-        scale_floor: np.ndarray | float = 0.1,
+        scale_floor: np.ndarray | float = LEVEL_SCALE_FLOOR,
     ) -> None:
         if span < 1 or reference_steps < 2 or skip_steps < 0 or halflife_steps <= 0:
             raise ValueError("span >= 1, reference_steps >= 2, skip_steps >= 0, halflife_steps > 0")
@@ -928,7 +930,7 @@ class SeasonalDeviation:
         span: float = 10.0,
         halflife_steps: float = 50.0,
         scale_halflife: float = 200.0,
-        scale_floor: float = 0.1,
+        scale_floor: float = LEVEL_SCALE_FLOOR,
         min_visits: int = 3,
         min_residuals: int = 20,
     ) -> None:
