@@ -1,7 +1,7 @@
 """Exact offset ranges and committed offsets of a topic's partitions, outside a consumer group's fetch loop.
 
-The scoring worker uses this to repair a hole in what Faust delivered (see
-``pipeline.continuity``): it asks where its group's committed offsets stand when partitions are
+The scoring worker and the alerter use this to repair a hole in what Faust delivered (see
+``pipeline.holes``): it asks where its group's committed offsets stand when partitions are
 assigned, and re-reads ``[start, end)`` of a partition when an offset went missing. One aiokafka
 consumer with the group's id but no subscription: it never joins the group, never commits, and
 assigning partitions to it does not disturb the group's own consumer.
@@ -25,10 +25,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class RangeRecord:
+    """A re-read record, with the attributes of a consumed message (so an agent can take it as one)."""
+
+    topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: list[tuple[str, bytes]]
 
 
 class PartitionReader:
@@ -103,6 +107,6 @@ class PartitionReader:
                 batch = await consumer.getmany(tp, timeout_ms=int(min(left, 1.0) * 1000))
                 for r in batch.get(tp, []):
                     if start <= r.offset < end:
-                        records.append(RangeRecord(partition, r.offset, r.key, r.value))
+                        records.append(RangeRecord(topic, partition, r.offset, r.key, r.value, list(r.headers)))
             consumer.unsubscribe()
         return records

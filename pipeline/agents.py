@@ -24,7 +24,6 @@ import faust
 import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
-from faust.transport.consumer import Consumer as FaustConsumer
 from faust.transport.drivers.aiokafka import Producer as FaustKafkaProducer
 from faust.types import TP, EventT, StreamT
 
@@ -37,14 +36,13 @@ from models.detector import Detector
 from models.drift import DriftMonitor
 from pipeline import control as ctl
 from pipeline.app import Components, build_detector, fetch_version, write_checkpoints
-from pipeline.continuity import Hole, OffsetContinuity
 from pipeline.groups import device_grouper
+from pipeline.holes import HoleRepair
 from pipeline.processor import BatchResult, Inbound
 from pipeline.records import DeadLetter, score_json, score_line
 
 log = logging.getLogger(__name__)
 
-HOLE_READ_TIMEOUT_S = 30.0
 INFLUX_REJECTED = "influx_rejected"  # dead-letter reason: a score point InfluxDB refused (400/422)
 
 
@@ -72,8 +70,14 @@ class ScoringService:
         self._next_champion: Detector | None = None
         self._next_shadow: tuple[Detector | None] | None = None  # (None,) = stop the shadow
         self.readings_topic = comp.readings.get_topic_name()
-        self.continuity = OffsetContinuity()
         self.reader = PartitionReader(s.kafka_bootstrap, s.app_id, security=KafkaSecurity.from_settings(s))
+        self.holes = HoleRepair(
+            comp.app,
+            self.reader,
+            self.readings_topic,
+            lambda r: Inbound(r.key, r.value or b"", r.topic, r.partition, r.offset),
+            comp.metrics.refetched,
+        )
         # The agent and the idle-flush timer both drive the processor and emit: one at a time, so that
         # checkpoints and commits always follow the order in which state advanced.
         self._busy = asyncio.Lock()
@@ -140,28 +144,13 @@ class ScoringService:
             if shadow is not None:
                 m.shadow_info.labels(shadow.version).set(1)
 
-    async def on_assigned(self, partitions: set[int]) -> None:
-        """Start continuity tracking of newly assigned readings partitions at the group's committed offsets."""
-        try:
-            self.continuity.expect(await self.reader.next_offsets(self.readings_topic, partitions))
-        except Exception as exc:  # a failed lookup must not fail the rebalance
-            log.warning(
-                "cannot read committed offsets of %s (%s): holes before the first message go unseen", partitions, exc
-            )
-
-    def on_revoked(self, partitions: set[int]) -> None:
-        self.continuity.forget(partitions)
-        self.c.processor.forget(partitions)
-
     async def handle(self, events: Sequence[EventT]) -> None:
         batch = [
             Inbound(e.message.key, e.message.value or b"", e.message.topic, e.message.partition, e.message.offset)
             for e in events
         ]
         async with self._busy:
-            holes = self.continuity.advance([(b.partition, b.offset) for b in batch])
-            if holes:
-                batch = await self._fill(batch, holes)
+            batch, holes = await self.holes.fill(batch)
             m = self.c.metrics
             m.messages.inc(len(batch))
             m.batch_size.observe(len(batch))
@@ -170,57 +159,7 @@ class ScoringService:
             res = self.c.processor.process(batch, int(time.time() * 1000))
             m.step_seconds.observe(time.perf_counter() - t0)
             await self.emit(res)
-            if holes:
-                await self._release(holes)
-
-    async def _fill(self, batch: list[Inbound], holes: list[Hole]) -> list[Inbound]:
-        """The batch with each hole's records, re-read from the broker, spliced in before the message that
-        revealed it. Retried until read: a broker that cannot serve them cannot serve the group either."""
-        out: list[Inbound] = []
-        done = 0
-        for hole in holes:
-            out.extend(batch[done : hole.before])
-            done = hole.before
-            delay = 0.5
-            while True:
-                try:
-                    records = await self.reader.read(
-                        self.readings_topic, hole.partition, hole.start, hole.end, timeout_s=HOLE_READ_TIMEOUT_S
-                    )
-                    break
-                except Exception as exc:  # retried; every failure is logged
-                    log.error(
-                        "re-reading %s[%d] %d..%d failed: %s",
-                        self.readings_topic,
-                        hole.partition,
-                        hole.start,
-                        hole.end - 1,
-                        exc,
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 10.0)
-            log.warning(
-                "consumer skipped %s[%d] offsets %d..%d: re-read %d records",
-                self.readings_topic,
-                hole.partition,
-                hole.start,
-                hole.end - 1,
-                len(records),
-            )
-            self.c.metrics.refetched.inc(len(records))
-            out.extend(Inbound(r.key, r.value or b"", self.readings_topic, r.partition, r.offset) for r in records)
-        out.extend(batch[done:])
-        return out
-
-    async def _release(self, holes: list[Hole]) -> None:
-        """Let Faust commit past the repaired holes (it never delivered them, so it will never ack them).
-
-        Only after their results were written: a commit that passed them earlier could lose them in a crash.
-        ``Consumer._add_gap`` is Faust's own mechanism for offsets that need no ack.
-        """
-        consumer = cast(FaustConsumer, self.c.app.consumer)
-        for hole in holes:
-            await consumer._add_gap(TP(self.readings_topic, hole.partition), hole.start, hole.end - 1)
+            await self.holes.release(holes)
 
     async def flush_idle(self) -> None:
         async with self._busy:
@@ -377,17 +316,17 @@ def register(comp: Components) -> ScoringService:
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode's signal stubs reject async
     async def on_revoked(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         revoked: set[TP] = args[0] if args else kwargs.get("revoked", set())
+        svc.holes.on_revoked(revoked)
         parts = {tp.partition for tp in revoked if tp.topic == svc.readings_topic}
         if parts:
             log.info("partitions %s revoked: dropping cached device state", sorted(parts))
-            svc.on_revoked(parts)
+            comp.processor.forget(parts)
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode's signal stubs reject async
     async def on_assigned(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         assigned: set[TP] = args[0] if args else kwargs.get("assigned", set())
-        parts = {tp.partition for tp in assigned if tp.topic == svc.readings_topic}
-        comp.metrics.assigned.set(len(parts))
-        await svc.on_assigned(parts)
+        comp.metrics.assigned.set(sum(1 for tp in assigned if tp.topic == svc.readings_topic))
+        await svc.holes.on_assigned(assigned)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode's signal stubs reject async
     async def close_reader(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:

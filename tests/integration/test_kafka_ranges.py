@@ -1,17 +1,24 @@
-"""PartitionReader against a real broker: committed offsets of a group, and exact offset ranges."""
+"""PartitionReader against a real broker: committed offsets of a group, exact offset ranges, and the hole repair
+built on them (pipeline.holes)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from types import SimpleNamespace
+from typing import cast
 
+import faust
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
+from faust.types import TP
+from prometheus_client import CollectorRegistry, Counter
 
 from connectors.kafka_admin import create_topics, make_producer
-from connectors.kafka_ranges import PartitionReader
+from connectors.kafka_ranges import PartitionReader, RangeRecord
 from connectors.localstack import Tansu
+from pipeline.holes import HoleRepair
 
 pytestmark = pytest.mark.integration
 
@@ -71,6 +78,73 @@ def test_range_beyond_the_end_times_out(tansu: Tansu, unique_name: Callable[[str
         try:
             with pytest.raises(TimeoutError):
                 await reader.read(topic, 0, 0, 10, timeout_s=1.5)
+        finally:
+            await reader.stop()
+
+    asyncio.run(run())
+
+
+class _GapConsumer:
+    """Faust's consumer as the repair sees it: the offsets it is told need no ack."""
+
+    def __init__(self) -> None:
+        self.gaps: list[tuple[TP, int, int]] = []
+
+    async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        self.gaps.append((tp, offset_from, offset_to))
+
+
+def test_hole_repair_splices_the_skipped_records_in_and_releases_them(
+    tansu: Tansu, unique_name: Callable[[str], str]
+) -> None:
+    """What the worker and the alerter do with a batch in which Faust skipped offsets (pipeline.holes)."""
+    topic, group = unique_name("holes"), unique_name("group")
+    _fill(tansu.bootstrap, topic, 10)
+    producer = make_producer(tansu.bootstrap)
+    producer.send(topic, key=b"k0", value=b"0:10", partition=0, headers=[("iotad-redrive-receiver", b"hook")])
+    producer.flush()
+    producer.close()
+    consumer = _GapConsumer()
+    app = cast(faust.App, SimpleNamespace(consumer=consumer))
+    refetched = Counter("holes_refetched", "re-read records", registry=CollectorRegistry())
+
+    async def run() -> None:
+        await _commit(tansu.bootstrap, group, topic, {0: 2})
+        reader = PartitionReader(tansu.bootstrap, group)
+        holes = HoleRepair[RangeRecord](app, reader, topic, lambda r: r, refetched)
+        try:
+            await holes.on_assigned({TP(topic, 0), TP(topic, 1), TP("other", 0)})
+            # Faust delivered partition 0 from offset 4 (2 and 3 skipped), partition 1 whole, then 0's 7 and 10
+            # (5, 6, 8 and 9 skipped): each hole is re-read and spliced in before the message that revealed it.
+            delivered = [
+                r
+                for p, lo, hi in ((0, 4, 5), (1, 0, 2), (0, 7, 8), (0, 10, 11))
+                for r in await reader.read(topic, p, lo, hi, timeout_s=10)
+            ]
+            batch, found = await holes.fill(delivered)
+            assert [(r.partition, r.offset) for r in batch] == [
+                (0, 2),
+                (0, 3),
+                (0, 4),
+                (1, 0),
+                (1, 1),
+                (0, 5),
+                (0, 6),
+                (0, 7),
+                (0, 8),
+                (0, 9),
+                (0, 10),
+            ]
+            assert [r.value for r in batch if r.partition == 0] == [f"0:{i}".encode() for i in range(2, 11)]
+            assert batch[-1].headers == [("iotad-redrive-receiver", b"hook")] and batch[-1].topic == topic
+            assert refetched._value.get() == 6
+            assert consumer.gaps == []  # released only once the batch's results are written
+            await holes.release(found)
+            assert consumer.gaps == [(TP(topic, 0), 2, 3), (TP(topic, 0), 5, 6), (TP(topic, 0), 8, 9)]
+            # a revoked partition is no longer tracked: what comes next is where it starts
+            holes.on_revoked({TP(topic, 0)})
+            again, more = await holes.fill(await reader.read(topic, 0, 9, 10, timeout_s=10))
+            assert [r.offset for r in again] == [9] and more == []
         finally:
             await reader.stop()
 

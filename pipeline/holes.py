@@ -1,0 +1,123 @@
+"""Repairing what Faust's consumer skipped on one topic, for an agent: the I/O shell of :mod:`pipeline.continuity`.
+
+When a topic's partitions are assigned, :meth:`HoleRepair.on_assigned` asks the broker for the group's
+committed offsets. Each micro-batch then goes through :meth:`HoleRepair.fill`. A hole's records are
+re-read from the broker and spliced in before the message that revealed them. :meth:`HoleRepair.release`
+is called once the batch's outputs are written. It hands the holes to Faust's own "offsets needing no ack"
+mechanism (``Consumer._add_gap``), so that commits move past them. A commit that passed them earlier could
+lose them in a crash.
+
+The scoring worker repairs its readings. The alerter repairs its scores and its alerts: a skipped score is
+an alert that never opens or resolves, and a skipped alert is one never delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Generic, Protocol, TypeVar, cast
+
+import faust
+from faust.transport.consumer import Consumer as FaustConsumer
+from faust.types import TP
+from prometheus_client import Counter
+
+from connectors.kafka_ranges import PartitionReader, RangeRecord
+from pipeline.continuity import Hole, OffsetContinuity
+
+log = logging.getLogger(__name__)
+
+HOLE_READ_TIMEOUT_S = 30.0
+
+
+class Delivered(Protocol):
+    """What an agent gets per message: at least its partition and offset."""
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+
+M = TypeVar("M", bound=Delivered)
+
+
+class HoleRepair(Generic[M]):
+    """Offset continuity of ``topic`` for one agent. ``convert`` turns a re-read record into the agent's
+    message type, and ``refetched`` counts the re-read records."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        reader: PartitionReader,
+        topic: str,
+        convert: Callable[[RangeRecord], M],
+        refetched: Counter,
+    ) -> None:
+        self.app, self.reader, self.topic, self.convert, self.refetched = app, reader, topic, convert, refetched
+        self.continuity = OffsetContinuity()
+
+    async def on_assigned(self, tps: Iterable[TP]) -> None:
+        """Start tracking this topic's newly assigned partitions at the group's committed offsets."""
+        partitions = {tp.partition for tp in tps if tp.topic == self.topic}
+        if not partitions:
+            return
+        try:
+            self.continuity.expect(await self.reader.next_offsets(self.topic, partitions))
+        except Exception as exc:  # a failed lookup must not fail the rebalance
+            log.warning(
+                "cannot read committed offsets of %s %s (%s): holes before the first message go unseen",
+                self.topic,
+                sorted(partitions),
+                exc,
+            )
+
+    def on_revoked(self, tps: Iterable[TP]) -> None:
+        self.continuity.forget(tp.partition for tp in tps if tp.topic == self.topic)
+
+    async def fill(self, batch: list[M]) -> tuple[list[M], list[Hole]]:
+        """The batch with each hole's records, re-read from the broker, spliced in before the message that
+        revealed it, and the holes (for :meth:`release`). Retried until read: a broker that cannot serve
+        them cannot serve the group either."""
+        holes = self.continuity.advance([(m.partition, m.offset) for m in batch])
+        if not holes:
+            return batch, holes
+        out: list[M] = []
+        done = 0
+        for hole in holes:
+            out.extend(batch[done : hole.before])
+            done = hole.before
+            delay = 0.5
+            while True:
+                try:
+                    records = await self.reader.read(
+                        self.topic, hole.partition, hole.start, hole.end, timeout_s=HOLE_READ_TIMEOUT_S
+                    )
+                    break
+                except Exception as exc:  # retried; every failure is logged
+                    log.error(
+                        "re-reading %s[%d] %d..%d failed: %s", self.topic, hole.partition, hole.start, hole.end - 1, exc
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+            log.warning(
+                "consumer skipped %s[%d] offsets %d..%d: re-read %d records",
+                self.topic,
+                hole.partition,
+                hole.start,
+                hole.end - 1,
+                len(records),
+            )
+            self.refetched.inc(len(records))
+            out.extend(self.convert(r) for r in records)
+        out.extend(batch[done:])
+        return out, holes
+
+    async def release(self, holes: list[Hole]) -> None:
+        """Let Faust commit past the repaired holes (it never delivered them, so it will never ack them).
+        Only after their results were written."""
+        consumer = cast(FaustConsumer, self.app.consumer)
+        for hole in holes:
+            await consumer._add_gap(TP(self.topic, hole.partition), hole.start, hole.end - 1)
