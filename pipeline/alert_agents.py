@@ -39,9 +39,11 @@ import msgspec
 from faust.types import TP, EventT, StreamT, TableT
 
 from connectors.alert_delivery import DeliveryResult, ReceiverDefaults, RetryPolicy, Router, load_router
-from connectors.kafka_security import security_for
+from connectors.kafka_ranges import PartitionReader
+from connectors.kafka_security import KafkaSecurity, security_for
 from pipeline.alerting import STORM_KEY, AlertEngine, AlertEvent, decode_score, encode_event, policy_from
 from pipeline.app import make_faust_app, write_checkpoints
+from pipeline.holes import HoleRepair
 from pipeline.lag import install_lag_monitor
 from pipeline.metrics import Metrics
 from pipeline.settings import Settings
@@ -95,8 +97,8 @@ class AlerterComponents:
 class LifecycleService:
     """Scores -> alert lifecycles -> outbox + checkpoints."""
 
-    def __init__(self, c: AlerterComponents) -> None:
-        self.c = c
+    def __init__(self, c: AlerterComponents, holes: HoleRepair[Any]) -> None:
+        self.c, self.holes = c, holes
         self.reload = True
         s = c.settings
         self.alerts_topic, self.dlq_topic = s.alerts_topic, s.alerts_dlq_topic
@@ -117,9 +119,9 @@ class LifecycleService:
         producer = c.app.producer
         pending: list[Awaitable[Any]] = []
         now_ms = int(time.time() * 1000)
-        m.messages.inc(len(events))
-        for e in events:
-            msg = e.message
+        batch, holes = await self.holes.fill([e.message for e in events])
+        m.messages.inc(len(batch))
+        for msg in batch:
             try:
                 score = decode_score(msg.value or b"")
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -136,6 +138,7 @@ class LifecycleService:
         if pending:
             await asyncio.gather(*pending)
         await self._checkpoint()
+        await self.holes.release(holes)
         _, _, firing = engine.counts()
         m.alerts_firing.set(firing)
         for scope, storm in engine.storms.items():
@@ -185,8 +188,8 @@ class _Item:
 class DeliveryService:
     """Outbox -> receivers, retried; failures past the budget -> the alerts dead-letter topic."""
 
-    def __init__(self, c: AlerterComponents) -> None:
-        self.c = c
+    def __init__(self, c: AlerterComponents, holes: HoleRepair[Any]) -> None:
+        self.c, self.holes = c, holes
         self.dlq_topic = c.settings.alerts_dlq_topic
         self._session: aiohttp.ClientSession | None = None
 
@@ -205,8 +208,8 @@ class DeliveryService:
         producer = c.app.producer
         pending: list[Awaitable[Any]] = []
         queues: dict[str, list[_Item]] = {}
-        for e in events:
-            msg = e.message
+        batch, holes = await self.holes.fill([e.message for e in events])
+        for msg in batch:
             raw = msg.value or b""
             try:
                 alert = msgspec.json.decode(raw)
@@ -252,6 +255,7 @@ class DeliveryService:
                 pending.append(await producer.send(self.dlq_topic, key, item.raw, None, None, headers))
         if pending:
             await asyncio.gather(*pending)
+        await self.holes.release(holes)
 
     async def _deliver_all(self, name: str, items: list[_Item]) -> list[tuple[_Item, DeliveryResult]]:
         receiver = self.c.router.receivers[name]
@@ -297,8 +301,14 @@ def create_alerter(
 def register(comp: AlerterComponents) -> None:
     s = comp.settings
     app = comp.app
-    lifecycle = comp.lifecycle = LifecycleService(comp)
-    delivery = comp.delivery = DeliveryService(comp)
+    # Faust's consumer can skip records after a restart or a rebalance (pipeline.holes): a skipped score is
+    # an alert that never opens or resolves, a skipped alert one never delivered. A re-read record has the
+    # attributes of a consumed message, so the agents take it as one.
+    reader = PartitionReader(s.kafka_bootstrap, s.alert_app_id, security=KafkaSecurity.from_settings(s))
+    scores_holes = HoleRepair[Any](app, reader, comp.scores.get_topic_name(), lambda r: r, comp.metrics.refetched)
+    alerts_holes = HoleRepair[Any](app, reader, comp.alerts.get_topic_name(), lambda r: r, comp.metrics.refetched)
+    lifecycle = comp.lifecycle = LifecycleService(comp, scores_holes)
+    delivery = comp.delivery = DeliveryService(comp, alerts_holes)
 
     @app.agent(comp.scores, name="iotad-alert-lifecycle")
     async def lifecycle_agent(stream: StreamT[bytes]) -> None:
@@ -315,14 +325,20 @@ def register(comp: AlerterComponents) -> None:
         assigned: set[TP] = args[0] if args else kwargs.get("assigned", set())
         comp.metrics.assigned.set(sum(1 for tp in assigned if tp.topic == comp.scores.get_topic_name()))
         lifecycle.reload = True  # the recovered table is complete when the agent gets its next batch
+        await scores_holes.on_assigned(assigned)
+        await alerts_holes.on_assigned(assigned)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        revoked: set[TP] = args[0] if args else kwargs.get("revoked", set())
         lifecycle.reload = True
+        scores_holes.on_revoked(revoked)
+        alerts_holes.on_revoked(revoked)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def on_shutdown(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         await delivery.close()
+        await reader.stop()
 
 
 def ensure_topics(s: Settings) -> None:

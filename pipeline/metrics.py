@@ -61,7 +61,7 @@ class Metrics:
         )
         self.refetched = Counter(
             "iotad_offsets_refetched",
-            "Readings the consumer skipped (offset holes after a restart or rebalance), re-read and processed",
+            "Records the consumer skipped (offset holes after a restart or rebalance), re-read and processed",
             registry=r,
         )
         self.imputed = Counter("iotad_imputed_steps", "Gap steps forward-filled", registry=r)
