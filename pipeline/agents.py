@@ -36,6 +36,7 @@ from models.detector import Detector
 from models.drift import DriftMonitor
 from pipeline import control as ctl
 from pipeline.app import Components, build_detector, fetch_version, write_checkpoints
+from pipeline.continuity import Hole
 from pipeline.groups import device_grouper
 from pipeline.holes import HoleRepair
 from pipeline.processor import BatchResult, Inbound
@@ -150,19 +151,24 @@ class ScoringService:
             for e in events
         ]
         async with self._busy:
-            batch, holes = await self.holes.fill(batch)
-            m = self.c.metrics
-            m.messages.inc(len(batch))
-            m.batch_size.observe(len(batch))
-            self._apply_swaps()
-            t0 = time.perf_counter()
-            res = self.c.processor.process(batch, int(time.time() * 1000))
-            m.step_seconds.observe(time.perf_counter() - t0)
-            await self.emit(res)
-            await self.holes.release(holes)
+            await self._process(*await self.holes.fill(batch))
+
+    async def _process(self, batch: list[Inbound], holes: list[Hole]) -> None:
+        m = self.c.metrics
+        m.messages.inc(len(batch))
+        m.batch_size.observe(len(batch))
+        self._apply_swaps()
+        t0 = time.perf_counter()
+        res = self.c.processor.process(batch, int(time.time() * 1000))
+        m.step_seconds.observe(time.perf_counter() - t0)
+        await self.emit(res)
+        await self.holes.release(holes)
 
     async def flush_idle(self) -> None:
         async with self._busy:
+            tail, holes = await self.holes.tails()
+            if tail:
+                await self._process(tail, holes)
             self._apply_swaps()
             res = self.c.processor.flush_idle(int(time.time() * 1000))
             if res.scores or res.dirty:

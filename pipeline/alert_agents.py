@@ -43,7 +43,8 @@ from connectors.kafka_ranges import PartitionReader
 from connectors.kafka_security import KafkaSecurity, security_for
 from pipeline.alerting import STORM_KEY, AlertEngine, AlertEvent, decode_score, encode_event, policy_from
 from pipeline.app import make_faust_app, write_checkpoints
-from pipeline.holes import HoleRepair
+from pipeline.continuity import Hole
+from pipeline.holes import TAIL_GRACE_S, HoleRepair
 from pipeline.lag import install_lag_monitor
 from pipeline.metrics import Metrics
 from pipeline.settings import Settings
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 ALERT_STATE_TABLE = "alert-state"
 REDRIVE_HEADER = "iotad-redrive-receiver"
+TAIL_CHECK_S = TAIL_GRACE_S / 2  # HoleRepair.tails checks at most once per grace period
 
 
 def _headers(message: Any) -> dict[str, bytes]:
@@ -102,15 +104,27 @@ class LifecycleService:
         self.reload = True
         s = c.settings
         self.alerts_topic, self.dlq_topic = s.alerts_topic, s.alerts_dlq_topic
+        self._busy = asyncio.Lock()  # the agent and the tail check (sweep) take turns
 
     async def handle(self, events: Sequence[EventT]) -> None:
+        async with self._busy:
+            await self._guarded(*await self.holes.fill([e.message for e in events]))
+
+    async def sweep(self) -> None:
+        """Process the records of holes at the scores partitions' tails (HoleRepair.tails)."""
+        async with self._busy:
+            batch, holes = await self.holes.tails()
+            if batch:
+                await self._guarded(batch, holes)
+
+    async def _guarded(self, batch: list[Any], holes: list[Hole]) -> None:
         try:
-            await self._handle(events)
+            await self._process(batch, holes)
         except BaseException:
             self.reload = True  # the engine may be ahead of the outbox: back to the last checkpoint
             raise
 
-    async def _handle(self, events: Sequence[EventT]) -> None:
+    async def _process(self, batch: list[Any], holes: list[Hole]) -> None:
         c, engine, m = self.c, self.c.engine, self.c.metrics
         if self.reload:
             engine.load(list(c.table.data.items()))
@@ -119,7 +133,6 @@ class LifecycleService:
         producer = c.app.producer
         pending: list[Awaitable[Any]] = []
         now_ms = int(time.time() * 1000)
-        batch, holes = await self.holes.fill([e.message for e in events])
         m.messages.inc(len(batch))
         for msg in batch:
             try:
@@ -192,6 +205,7 @@ class DeliveryService:
         self.c, self.holes = c, holes
         self.dlq_topic = c.settings.alerts_dlq_topic
         self._session: aiohttp.ClientSession | None = None
+        self._busy = asyncio.Lock()  # the agent and the tail check (sweep) take turns
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -204,11 +218,21 @@ class DeliveryService:
             self._session = None
 
     async def handle(self, events: Sequence[EventT]) -> None:
+        async with self._busy:
+            await self._process(*await self.holes.fill([e.message for e in events]))
+
+    async def sweep(self) -> None:
+        """Deliver the records of holes at the alerts partition's tail (HoleRepair.tails)."""
+        async with self._busy:
+            batch, holes = await self.holes.tails()
+            if batch:
+                await self._process(batch, holes)
+
+    async def _process(self, batch: list[Any], holes: list[Hole]) -> None:
         c, m = self.c, self.c.metrics
         producer = c.app.producer
         pending: list[Awaitable[Any]] = []
         queues: dict[str, list[_Item]] = {}
-        batch, holes = await self.holes.fill([e.message for e in events])
         for msg in batch:
             raw = msg.value or b""
             try:
@@ -319,6 +343,11 @@ def register(comp: AlerterComponents) -> None:
     async def deliver_agent(stream: StreamT[bytes]) -> None:
         async for events in cast(faust.Stream[bytes], stream).take_events(100, within=s.batch_within_s):
             await delivery.handle(events)
+
+    @app.timer(interval=TAIL_CHECK_S)
+    async def sweep_tails() -> None:
+        await lifecycle.sweep()
+        await delivery.sweep()
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode's signal stubs reject async
     async def on_assigned(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:

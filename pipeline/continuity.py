@@ -37,6 +37,10 @@ class OffsetContinuity:
         """Partitions (re)assigned: each one's next offset is where the group's committed position is."""
         self._next.update(next_offsets)
 
+    def expected(self) -> dict[int, int]:
+        """Each tracked partition's next expected offset."""
+        return dict(self._next)
+
     def forget(self, partitions: Iterable[int]) -> None:
         for p in partitions:
             self._next.pop(p, None)

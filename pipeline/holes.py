@@ -7,6 +7,12 @@ is called once the batch's outputs are written. It hands the holes to Faust's ow
 mechanism (``Consumer._add_gap``), so that commits move past them. A commit that passed them earlier could
 lose them in a crash.
 
+A hole at a partition's tail is revealed by no later message. :meth:`HoleRepair.tails`, called by the
+agent's timer, finds those: the agent has had no batch for ``tail_grace_s``, yet the consumer's position
+on a partition (the next offset it will fetch: it has handed everything before it to Faust) is past the
+offset the agent expects, and was at the same place one check earlier. Records still on their way through
+Faust's buffers would have reached an idle agent by then.
+
 The scoring worker repairs its readings. The alerter repairs its scores and its alerts: a skipped score is
 an alert that never opens or resolves, and a skipped alert is one never delivered.
 """
@@ -15,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Callable, Iterable
 from typing import Generic, Protocol, TypeVar, cast
 
@@ -29,6 +37,8 @@ from pipeline.continuity import Hole, OffsetContinuity
 log = logging.getLogger(__name__)
 
 HOLE_READ_TIMEOUT_S = 30.0
+TAIL_GRACE_S = 5.0
+POSITION_TIMEOUT_S = 2.0
 
 
 class Delivered(Protocol):
@@ -55,9 +65,14 @@ class HoleRepair(Generic[M]):
         topic: str,
         convert: Callable[[RangeRecord], M],
         refetched: Counter,
+        tail_grace_s: float = TAIL_GRACE_S,
     ) -> None:
         self.app, self.reader, self.topic, self.convert, self.refetched = app, reader, topic, convert, refetched
+        self.tail_grace_s = tail_grace_s
         self.continuity = OffsetContinuity()
+        self._active = time.monotonic()  # the last batch's start or end
+        self._checked = -math.inf  # the last tail check
+        self._suspects: dict[int, tuple[int, int]] = {}  # partition -> (expected, position) at that check
 
     async def on_assigned(self, tps: Iterable[TP]) -> None:
         """Start tracking this topic's newly assigned partitions at the group's committed offsets."""
@@ -75,15 +90,52 @@ class HoleRepair(Generic[M]):
             )
 
     def on_revoked(self, tps: Iterable[TP]) -> None:
-        self.continuity.forget(tp.partition for tp in tps if tp.topic == self.topic)
+        partitions = [tp.partition for tp in tps if tp.topic == self.topic]
+        self.continuity.forget(partitions)
+        for p in partitions:
+            self._suspects.pop(p, None)
 
     async def fill(self, batch: list[M]) -> tuple[list[M], list[Hole]]:
         """The batch with each hole's records, re-read from the broker, spliced in before the message that
         revealed it, and the holes (for :meth:`release`). Retried until read: a broker that cannot serve
         them cannot serve the group either."""
+        self._active = time.monotonic()
         holes = self.continuity.advance([(m.partition, m.offset) for m in batch])
         if not holes:
             return batch, holes
+        return await self._splice(batch, holes), holes
+
+    async def tails(self) -> tuple[list[M], list[Hole]]:
+        """The records of holes at partitions' tails (see the module), re-read, and those holes (for
+        :meth:`release`); empty unless the agent has been idle for ``tail_grace_s``. At most one check per
+        ``tail_grace_s``; call it where batches are processed, under the same lock."""
+        now = time.monotonic()
+        if now - self._active < self.tail_grace_s or now - self._checked < self.tail_grace_s:
+            return [], []
+        self._checked = now
+        if getattr(self.app, "rebalancing", False):  # positions move with the seeks
+            self._suspects.clear()
+            return [], []
+        consumer = cast(FaustConsumer, self.app.consumer)
+        found: dict[int, tuple[int, int]] = {}
+        for partition, expected in sorted(self.continuity.expected().items()):
+            try:
+                position = await asyncio.wait_for(consumer.position(TP(self.topic, partition)), POSITION_TIMEOUT_S)
+            except Exception as exc:  # no position (being assigned, a seek in flight): checked next time
+                log.debug("no position for %s[%d]: %r", self.topic, partition, exc)
+                continue
+            if position is not None and position > expected:
+                found[partition] = (expected, position)
+        confirmed = {p: v for p, v in found.items() if self._suspects.get(p) == v}
+        self._suspects = {p: v for p, v in found.items() if p not in confirmed}
+        holes = [Hole(p, start, end, 0) for p, (start, end) in confirmed.items()]
+        if not holes:
+            return [], []
+        self.continuity.expect({h.partition: h.end for h in holes})
+        self._active = time.monotonic()
+        return await self._splice([], holes), holes
+
+    async def _splice(self, batch: list[M], holes: list[Hole]) -> list[M]:
         out: list[M] = []
         done = 0
         for hole in holes:
@@ -113,11 +165,12 @@ class HoleRepair(Generic[M]):
             self.refetched.inc(len(records))
             out.extend(self.convert(r) for r in records)
         out.extend(batch[done:])
-        return out, holes
+        return out
 
     async def release(self, holes: list[Hole]) -> None:
         """Let Faust commit past the repaired holes (it never delivered them, so it will never ack them).
         Only after their results were written."""
+        self._active = time.monotonic()
         consumer = cast(FaustConsumer, self.app.consumer)
         for hole in holes:
             await consumer._add_gap(TP(self.topic, hole.partition), hole.start, hole.end - 1)

@@ -149,3 +149,71 @@ def test_hole_repair_splices_the_skipped_records_in_and_releases_them(
             await reader.stop()
 
     asyncio.run(run())
+
+
+def test_hole_repair_finds_a_skipped_tail_once_the_agent_is_idle(
+    tansu: Tansu, unique_name: Callable[[str], str]
+) -> None:
+    """A hole at a partition's tail: no later message reveals it, but the consumer's position is past it."""
+    topic, group = unique_name("tails"), unique_name("group")
+    _fill(tansu.bootstrap, topic, 10)
+    consumer = _GapConsumer()
+    app = cast(faust.App, SimpleNamespace(consumer=consumer, rebalancing=False))
+    refetched = Counter("tails_refetched", "re-read records", registry=CollectorRegistry())
+    grace = 0.3
+
+    async def run() -> None:
+        await _commit(tansu.bootstrap, group, topic, {0: 2, 1: 0})
+        # Faust's fetcher: a real consumer that has been handed both partitions up to their ends
+        fetcher = AIOKafkaConsumer(bootstrap_servers=tansu.bootstrap, enable_auto_commit=False)
+        await fetcher.start()
+        tp0, tp1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+        fetcher.assign([tp0, tp1])
+        fetcher.seek(tp0, 2)
+        fetcher.seek(tp1, 0)
+        for _ in range(50):
+            if await fetcher.position(tp0) == 10 and await fetcher.position(tp1) == 10:
+                break
+            await fetcher.getmany(timeout_ms=200)
+        assert (await fetcher.position(tp0), await fetcher.position(tp1)) == (10, 10)
+
+        async def position(tp: TP) -> int:
+            return int(await fetcher.position(TopicPartition(tp.topic, tp.partition)))
+
+        consumer.position = position  # type: ignore[attr-defined]
+        reader = PartitionReader(tansu.bootstrap, group)
+        holes = HoleRepair[RangeRecord](app, reader, topic, lambda r: r, refetched, tail_grace_s=grace)
+        try:
+            await holes.on_assigned({tp0, tp1})
+            # the agent got partition 0 up to offset 5 and partition 1 whole; 6..9 of partition 0 were dropped
+            delivered = [
+                r for p, lo, hi in ((0, 2, 6), (1, 0, 10)) for r in await reader.read(topic, p, lo, hi, timeout_s=10)
+            ]
+            assert (await holes.fill(delivered))[1] == []
+            assert await holes.tails() == ([], [])  # the agent was just busy
+            await asyncio.sleep(grace)
+            assert await holes.tails() == ([], [])  # first sighting: records may still be on their way
+            # offset 6 arrives after all: the agent is busy again, and the next sighting starts afresh
+            assert (await holes.fill(await reader.read(topic, 0, 6, 7, timeout_s=10)))[1] == []
+            await asyncio.sleep(grace)
+            assert await holes.tails() == ([], [])
+            await asyncio.sleep(grace)
+            records, found = await holes.tails()
+            assert [(r.partition, r.offset) for r in records] == [(0, 7), (0, 8), (0, 9)]
+            assert [r.value for r in records] == [b"0:7", b"0:8", b"0:9"]
+            assert [(h.partition, h.start, h.end) for h in found] == [(0, 7, 10)]
+            assert refetched._value.get() == 3
+            assert consumer.gaps == []
+            await holes.release(found)
+            assert consumer.gaps == [(TP(topic, 0), 7, 9)]
+            # repaired: a late delivery of a re-read offset is a replay, and no further tail is found
+            late, more = await holes.fill(await reader.read(topic, 0, 8, 9, timeout_s=10))
+            assert [r.offset for r in late] == [8] and more == []
+            for _ in range(3):
+                await asyncio.sleep(grace)
+                assert await holes.tails() == ([], [])
+        finally:
+            await reader.stop()
+            await fetcher.stop()
+
+    asyncio.run(run())
