@@ -38,7 +38,7 @@ from pipeline import control as ctl
 from pipeline.app import Components, build_detector, fetch_version, write_checkpoints
 from pipeline.continuity import Hole
 from pipeline.groups import device_grouper
-from pipeline.holes import HoleRepair
+from pipeline.holes import HoleRepair, RepairedAgent
 from pipeline.processor import BatchResult, Inbound
 from pipeline.records import DeadLetter, score_json, score_line
 
@@ -47,11 +47,25 @@ log = logging.getLogger(__name__)
 INFLUX_REJECTED = "influx_rejected"  # dead-letter reason: a score point InfluxDB refused (400/422)
 
 
-class ScoringService:
+class ScoringService(RepairedAgent[Inbound]):
     def __init__(self, comp: Components) -> None:
+        s = comp.settings
+        self.reader = PartitionReader(s.kafka_bootstrap, s.app_id, security=KafkaSecurity.from_settings(s))
+        self.readings_topic = comp.readings.get_topic_name()
+        # The agent and the idle-flush timer (which also runs the tail check) both drive the processor and
+        # emit: one at a time, under RepairedAgent's lock, so that checkpoints and commits always follow the
+        # order in which state advanced.
+        super().__init__(
+            HoleRepair(
+                comp.app,
+                self.reader,
+                self.readings_topic,
+                lambda r: Inbound(r.key, r.value or b"", r.topic, r.partition, r.offset),
+                comp.metrics.refetched,
+            )
+        )
         self.c = comp
         self.sensors = comp.processor.sensors
-        s = comp.settings
         self.scores_topic, self.dlq_topic, self.measurement = s.scores_topic, s.dlq_topic, s.influx_measurement
         self.drift = (
             DriftMonitor(
@@ -70,18 +84,6 @@ class ScoringService:
         self._partition_of: dict[str, dict[bytes, int]] = {}  # topic -> key -> partition (scores: device ids)
         self._next_champion: Detector | None = None
         self._next_shadow: tuple[Detector | None] | None = None  # (None,) = stop the shadow
-        self.readings_topic = comp.readings.get_topic_name()
-        self.reader = PartitionReader(s.kafka_bootstrap, s.app_id, security=KafkaSecurity.from_settings(s))
-        self.holes = HoleRepair(
-            comp.app,
-            self.reader,
-            self.readings_topic,
-            lambda r: Inbound(r.key, r.value or b"", r.topic, r.partition, r.offset),
-            comp.metrics.refetched,
-        )
-        # The agent and the idle-flush timer both drive the processor and emit: one at a time, so that
-        # checkpoints and commits always follow the order in which state advanced.
-        self._busy = asyncio.Lock()
 
     async def on_control(self, msg: dict[str, Any]) -> None:
         """``model-updated`` swaps the champion (fetched from the registry, or loaded from ``path``);
@@ -150,10 +152,9 @@ class ScoringService:
             Inbound(e.message.key, e.message.value or b"", e.message.topic, e.message.partition, e.message.offset)
             for e in events
         ]
-        async with self._busy:
-            await self._process(*await self.holes.fill(batch))
+        await self.handle_batch(batch)
 
-    async def _process(self, batch: list[Inbound], holes: list[Hole]) -> None:
+    async def process(self, batch: list[Inbound], holes: list[Hole]) -> None:
         m = self.c.metrics
         m.messages.inc(len(batch))
         m.batch_size.observe(len(batch))
@@ -165,10 +166,8 @@ class ScoringService:
         await self.holes.release(holes)
 
     async def flush_idle(self) -> None:
-        async with self._busy:
-            tail, holes = await self.holes.tails()
-            if tail:
-                await self._process(tail, holes)
+        await self.sweep()
+        async with self.busy:
             self._apply_swaps()
             res = self.c.processor.flush_idle(int(time.time() * 1000))
             if res.scores or res.dirty:

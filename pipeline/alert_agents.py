@@ -44,7 +44,7 @@ from connectors.kafka_security import KafkaSecurity, security_for
 from pipeline.alerting import STORM_KEY, AlertEngine, AlertEvent, decode_score, encode_event, policy_from
 from pipeline.app import make_faust_app, write_checkpoints
 from pipeline.continuity import Hole
-from pipeline.holes import TAIL_GRACE_S, HoleRepair
+from pipeline.holes import TAIL_GRACE_S, HoleRepair, RepairedAgent
 from pipeline.lag import install_lag_monitor
 from pipeline.metrics import Metrics
 from pipeline.settings import Settings
@@ -96,28 +96,20 @@ class AlerterComponents:
     delivery: DeliveryService = field(init=False)
 
 
-class LifecycleService:
+class LifecycleService(RepairedAgent[Any]):
     """Scores -> alert lifecycles -> outbox + checkpoints."""
 
     def __init__(self, c: AlerterComponents, holes: HoleRepair[Any]) -> None:
-        self.c, self.holes = c, holes
+        super().__init__(holes)
+        self.c = c
         self.reload = True
         s = c.settings
         self.alerts_topic, self.dlq_topic = s.alerts_topic, s.alerts_dlq_topic
-        self._busy = asyncio.Lock()  # the agent and the tail check (sweep) take turns
 
     async def handle(self, events: Sequence[EventT]) -> None:
-        async with self._busy:
-            await self._guarded(*await self.holes.fill([e.message for e in events]))
+        await self.handle_batch([e.message for e in events])
 
-    async def sweep(self) -> None:
-        """Process the records of holes at the scores partitions' tails (HoleRepair.tails)."""
-        async with self._busy:
-            batch, holes = await self.holes.tails()
-            if batch:
-                await self._guarded(batch, holes)
-
-    async def _guarded(self, batch: list[Any], holes: list[Hole]) -> None:
+    async def process(self, batch: list[Any], holes: list[Hole]) -> None:
         try:
             await self._process(batch, holes)
         except BaseException:
@@ -198,14 +190,14 @@ class _Item:
     alert: dict[str, Any]
 
 
-class DeliveryService:
+class DeliveryService(RepairedAgent[Any]):
     """Outbox -> receivers, retried; failures past the budget -> the alerts dead-letter topic."""
 
     def __init__(self, c: AlerterComponents, holes: HoleRepair[Any]) -> None:
-        self.c, self.holes = c, holes
+        super().__init__(holes)
+        self.c = c
         self.dlq_topic = c.settings.alerts_dlq_topic
         self._session: aiohttp.ClientSession | None = None
-        self._busy = asyncio.Lock()  # the agent and the tail check (sweep) take turns
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -218,17 +210,9 @@ class DeliveryService:
             self._session = None
 
     async def handle(self, events: Sequence[EventT]) -> None:
-        async with self._busy:
-            await self._process(*await self.holes.fill([e.message for e in events]))
+        await self.handle_batch([e.message for e in events])
 
-    async def sweep(self) -> None:
-        """Deliver the records of holes at the alerts partition's tail (HoleRepair.tails)."""
-        async with self._busy:
-            batch, holes = await self.holes.tails()
-            if batch:
-                await self._process(batch, holes)
-
-    async def _process(self, batch: list[Any], holes: list[Hole]) -> None:
+    async def process(self, batch: list[Any], holes: list[Hole]) -> None:
         c, m = self.c, self.c.metrics
         producer = c.app.producer
         pending: list[Awaitable[Any]] = []

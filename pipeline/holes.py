@@ -11,7 +11,8 @@ A hole at a partition's tail is revealed by no later message. :meth:`HoleRepair.
 agent's timer, finds those: the agent has had no batch for ``tail_grace_s``, yet the consumer's position
 on a partition (the next offset it will fetch: it has handed everything before it to Faust) is past the
 offset the agent expects, and was at the same place one check earlier. Records still on their way through
-Faust's buffers would have reached an idle agent by then.
+Faust's buffers would have reached an idle agent by then. :class:`RepairedAgent` is an agent's side of
+both: batches and tail checks under one lock.
 
 The scoring worker repairs its readings. The alerter repairs its scores and its alerts: a skipped score is
 an alert that never opens or resolves, and a skipped alert is one never delivered.
@@ -19,6 +20,7 @@ an alert that never opens or resolves, and a skipped alert is one never delivere
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import math
@@ -174,3 +176,28 @@ class HoleRepair(Generic[M]):
         consumer = cast(FaustConsumer, self.app.consumer)
         for hole in holes:
             await consumer._add_gap(TP(self.topic, hole.partition), hole.start, hole.end - 1)
+
+
+class RepairedAgent(abc.ABC, Generic[M]):
+    """An agent's batch handling behind a :class:`HoleRepair`: each batch with its holes filled, and the
+    tail check (:meth:`sweep`, from a timer), take turns under one lock (``busy``), so that results are
+    written in the order the offsets come."""
+
+    def __init__(self, holes: HoleRepair[M]) -> None:
+        self.holes = holes
+        self.busy = asyncio.Lock()
+
+    async def handle_batch(self, batch: list[M]) -> None:
+        async with self.busy:
+            await self.process(*await self.holes.fill(batch))
+
+    async def sweep(self) -> None:
+        """Process the records of holes at the partitions' tails, if any (:meth:`HoleRepair.tails`)."""
+        async with self.busy:
+            batch, holes = await self.holes.tails()
+            if batch:
+                await self.process(batch, holes)
+
+    @abc.abstractmethod
+    async def process(self, batch: list[M], holes: list[Hole]) -> None:
+        """Process a batch and write its results, then :meth:`HoleRepair.release` its holes."""
