@@ -195,7 +195,7 @@ class RepairedAgent(abc.ABC, Generic[M]):
         """Process the records of holes at the partitions' tails, if any (:meth:`HoleRepair.tails`)."""
         async with self.busy:
             batch, holes = await self.holes.tails()
-            if batch:
+            if holes:  # even with no records left to re-read (compacted, deleted): Faust must commit past them
                 await self.process(batch, holes)
 
     @abc.abstractmethod
