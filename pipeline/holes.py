@@ -115,7 +115,7 @@ class HoleRepair(Generic[M]):
         if now - self._active < self.tail_grace_s or now - self._checked < self.tail_grace_s:
             return [], []
         self._checked = now
-        if getattr(self.app, "rebalancing", False):  # positions move with the seeks
+        if self.app.rebalancing:  # positions move with the seeks
             self._suspects.clear()
             return [], []
         consumer = cast(FaustConsumer, self.app.consumer)
