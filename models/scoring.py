@@ -397,10 +397,14 @@ class AnomalyLikelihood:
         lt = np.array(math.log10(self.yellow))
         return float(log_likelihood(10.0**lt) if self.scale == "htm" else tail_score(lt))
 
+    def _features(self, f: int) -> None:
+        """Size the spatial range for ``f`` features (set by the first step, or by a restored state)."""
+        if self.lo.shape[1] != f:
+            self.lo = np.full((self.capacity, f), np.nan)
+            self.hi = np.full((self.capacity, f), np.nan)
+
     def _spatial(self, slots: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
-        if self.lo.shape[1] != x.shape[1]:
-            self.lo = np.full((self.capacity, x.shape[1]), np.nan)
-            self.hi = np.full((self.capacity, x.shape[1]), np.nan)
+        self._features(x.shape[1])
         lo, hi = self.lo[slots], self.hi[slots]
         tol = (hi - lo) * float(self.spatial_tolerance or 0.0)
         with np.errstate(invalid="ignore"):
@@ -474,7 +478,13 @@ class AnomalyLikelihood:
 
     def restore(self, slot: int, state: list[float]) -> None:
         """Load what :meth:`export` produced (states from older versions, without the per-slot probation
-        and the steps since the last red one, keep the defaults)."""
+        and the steps since the last red one, keep the defaults). A likelihood with a spatial check that has
+        not stepped yet (a restarted worker restores a device before its first reading) takes its feature
+        count from the state, in the current layout."""
+        if self.spatial_tolerance is not None and self.lo.shape[1] == 0:
+            f, odd = divmod(len(state) - 9 - self.window, 2)
+            if f > 0 and not odd:
+                self._features(f)
         f = self.lo.shape[1]
         base = 6 + self.window + 2 * f
         if len(state) not in (base, base + 2, base + 3):

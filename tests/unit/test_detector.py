@@ -316,6 +316,25 @@ def test_export_restore_continues_identically():
     assert a.export("dev") == b.export("dev")
 
 
+def test_a_restarted_worker_restores_the_whole_ensemble_before_its_first_step():
+    """The likelihood ensemble's checkpoint restores into a fresh detector (a restarted worker restores a
+    device before its first reading): its spatial range used to need a first step to know the feature
+    count, so its state (distribution, probation, range) was dropped and the device started afresh."""
+    art = make_artifact(seed=9)
+    a = make_detector(art, warmup=5, threshold=make_threshold("ensemble", value=0.5, quantile=0.99, margin=1.5))
+    x = noisy(np.random.default_rng(10), 320)
+    x[300, 0] += 12 * STD[0]
+    for t in range(260):
+        step1(a, "dev", x[t])
+    blob = a.export("dev")
+    b = make_detector(art, warmup=5, threshold=make_threshold("ensemble", value=0.5, quantile=0.99, margin=1.5))
+    assert b.restore("dev", blob) is True
+    assert b.export("dev") == blob
+    for t in range(260, 320):
+        assert_rows_close(row(step1(a, "dev", x[t]), 0), row(step1(b, "dev", x[t]), 0), atol=1e-6)
+    assert a.export("dev") == b.export("dev")
+
+
 def test_restore_refuses_a_blob_from_another_model_version():
     art = make_artifact(seed=9)
     a = make_detector(art)
