@@ -295,7 +295,12 @@ class AnomalyLikelihood:
       bench/README.md).
     * **Spatial check** (``spatial_tolerance`` not None): as in NAB's HTM detector, a step whose input
       leaves the range seen so far by more than ``spatial_tolerance`` x that range (any feature) scores 1.
-      The range learns from every seen step.
+      The range learns from every seen step. With ``spatial_lag`` > 0 the range is that of the inputs seen
+      at least ``spatial_lag`` steps before (a ring of the last ``spatial_lag`` inputs delays them): an
+      excursion that creeps beyond the range a little at a time would otherwise widen it as it goes and
+      never leave it by the tolerance (a temperature falling slowly below anything seen before), while
+      compared with the range before the excursion began it does. The lagged range is never wider than
+      the plain one, so every plain hit is a lagged hit too; memory ``spatial_lag x F`` floats per slot.
 
     Causal: the score at ``t`` uses raw scores and inputs up to ``t`` and a distribution learnt before ``t``.
     """
@@ -316,9 +321,12 @@ class AnomalyLikelihood:
         spatial_tolerance: float | None = None,
         learn_red: bool = True,
         scale: str = "tail",
+        spatial_lag: int = 0,
     ) -> None:
         if window < 1 or history_steps < 1 or learning_steps < 0 or estimation_steps < 1:
             raise ValueError("window, history_steps and estimation_steps must be >= 1, learning_steps >= 0")
+        if spatial_lag < 0:
+            raise ValueError("spatial_lag must be >= 0")
         self.window, self.learning_steps, self.estimation_steps = window, learning_steps, estimation_steps
         self.history_steps, self.min_std, self.cap = history_steps, min_std, cap
         self.red, self.yellow, self.suppress, self.spatial_tolerance = red, yellow, suppress, spatial_tolerance
@@ -342,6 +350,8 @@ class AnomalyLikelihood:
         self.lo = np.zeros((0, 0))  # spatial range, (N, F) once the feature count is known
         self.hi = np.zeros((0, 0))
         self.spatial_hit = np.zeros(0, bool)  # the last step's rows reported as spatial hits (B,)
+        self.spatial_lag = spatial_lag
+        self.recent = np.zeros((0, spatial_lag, 0))  # the last spatial_lag inputs, not yet in the range (N, L, F)
 
     @property
     def capacity(self) -> int:
@@ -364,6 +374,7 @@ class AnomalyLikelihood:
         f = self.lo.shape[1]
         self.lo = np.concatenate([self.lo, np.full((extra, f), np.nan)])
         self.hi = np.concatenate([self.hi, np.full((extra, f), np.nan)])
+        self.recent = np.concatenate([self.recent, np.full((extra, self.spatial_lag, f), np.nan)])
 
     def reset(self, slots: np.ndarray) -> None:
         self.n[slots] = 0
@@ -378,6 +389,7 @@ class AnomalyLikelihood:
         self.estimate_n[slots] = self.estimation_steps
         self.lo[slots] = np.nan
         self.hi[slots] = np.nan
+        self.recent[slots] = np.nan
 
     def set_probation(self, slots: np.ndarray, learning_steps: np.ndarray, estimation_steps: np.ndarray) -> None:
         """Give ``slots`` their own probation (call after the slot's reset; kept by export/restore)."""
@@ -402,6 +414,7 @@ class AnomalyLikelihood:
         if self.lo.shape[1] != f:
             self.lo = np.full((self.capacity, f), np.nan)
             self.hi = np.full((self.capacity, f), np.nan)
+            self.recent = np.full((self.capacity, self.spatial_lag, f), np.nan)
 
     def _spatial(self, slots: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
         self._features(x.shape[1])
@@ -409,9 +422,12 @@ class AnomalyLikelihood:
         tol = (hi - lo) * float(self.spatial_tolerance or 0.0)
         with np.errstate(invalid="ignore"):
             outside = ((x > hi + tol) | (x < lo - tol)) & (hi > lo)
-            s, xs = slots[seen], x[seen]
-            self.lo[s] = np.fmin(self.lo[s], xs)
-            self.hi[s] = np.fmax(self.hi[s], xs)
+        s, xs = slots[seen], x[seen]
+        if self.spatial_lag:  # this input waits in the ring; the one it replaces joins the range (NaN: none)
+            pos = self.n[s] % self.spatial_lag
+            xs, self.recent[s, pos] = self.recent[s, pos], xs
+        self.lo[s] = np.fmin(self.lo[s], xs)
+        self.hi[s] = np.fmax(self.hi[s], xs)
         return outside.any(axis=1)
 
     def step(self, slots: np.ndarray, raw: np.ndarray, x: np.ndarray, seen: np.ndarray) -> np.ndarray:
@@ -474,17 +490,38 @@ class AnomalyLikelihood:
         head = [float(self.n[slot]), float(self.count[slot]), float(self.mean[slot]), float(self.var[slot])]
         head += [float(self.prev_red[slot]), float(self.avg[slot])]
         probation = [float(self.learn_n[slot]), float(self.estimate_n[slot]), float(self.since[slot])]
-        return head + self.buf[slot].tolist() + self.lo[slot].tolist() + self.hi[slot].tolist() + probation
+        state = head + self.buf[slot].tolist() + self.lo[slot].tolist() + self.hi[slot].tolist() + probation
+        if not self.spatial_lag:
+            return state
+        # the inputs waiting to join the lagged range, then their shape: the state describes itself
+        return [*state, *self.recent[slot].ravel().tolist(), float(self.lo.shape[1]), float(self.spatial_lag)]
+
+    def _ring_layout(self, state: list[float]) -> tuple[int, int] | None:
+        """``(features, ring rows)`` of a state exported with a lagged range, else None."""
+        if len(state) < 2 or not all(v >= 1 and v == int(v) for v in state[-2:]):
+            return None
+        f, rows = int(state[-2]), int(state[-1])
+        return (f, rows) if len(state) == 6 + self.window + 2 * f + 3 + rows * f + 2 else None
 
     def restore(self, slot: int, state: list[float]) -> None:
         """Load what :meth:`export` produced (states from older versions, without the per-slot probation
         and the steps since the last red one, keep the defaults). A likelihood with a spatial check that has
         not stepped yet (a restarted worker restores a device before its first reading) takes its feature
-        count from the state, in the current layout."""
-        if self.spatial_tolerance is not None and self.lo.shape[1] == 0:
+        count from the state. The inputs waiting to join a lagged range come back into the ring; saved
+        with another lag (or restored into a plain range) they join the range at once."""
+        ring = self._ring_layout(state)
+        waiting = np.zeros((0, 0))
+        if ring is not None:
+            f, rows = ring
+            core = 6 + self.window + 2 * f + 3
+            waiting = np.asarray(state[core:-2], np.float64).reshape(rows, f)
+            state = state[:core]
+        else:
             f, odd = divmod(len(state) - 9 - self.window, 2)
-            if f > 0 and not odd:
-                self._features(f)
+            if odd:
+                f = 0
+        if self.spatial_tolerance is not None and self.lo.shape[1] == 0 and f > 0:
+            self._features(f)
         f = self.lo.shape[1]
         base = 6 + self.window + 2 * f
         if len(state) not in (base, base + 2, base + 3):
@@ -498,6 +535,12 @@ class AnomalyLikelihood:
         self.buf[slot] = state[6 : 6 + self.window]
         self.lo[slot] = state[6 + self.window : 6 + self.window + f]
         self.hi[slot] = state[6 + self.window + f : base]
+        self.recent[slot] = np.nan
+        if self.spatial_lag and len(waiting) == self.spatial_lag:
+            self.recent[slot] = waiting
+        elif np.isfinite(waiting).any():
+            self.lo[slot] = np.fmin(self.lo[slot], np.nanmin(waiting, axis=0))
+            self.hi[slot] = np.fmax(self.hi[slot], np.nanmax(waiting, axis=0))
 
 
 class LikelihoodThreshold(Threshold):
@@ -1482,6 +1525,10 @@ class EnsembleConfig:
     min_std: float = 0.05
     cap: float | None = None
     spatial_tolerance: float | None = 0.05
+    # The spatial check's range is that of the inputs seen at least this many steps before (AnomalyLikelihood's
+    # spatial_lag), so an excursion that creeps beyond it is compared with the range from before it began.
+    # None: the likelihood's suppression span (below), the steps over which one event is one report.
+    spatial_lag: int | None = None
     suppress: bool = True
     # Red (or spatial) steps within ``suppress_steps`` of the previous one are repeats of the same event,
     # reported as yellow. None: as long as the likelihood's moving average still holds the event's inputs:
@@ -1528,6 +1575,7 @@ class EnsembleConfig:
 
 def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThreshold:
     smoothed = int(cfg.reference_span) if cfg.reference or cfg.seasonal else 0  # (the forecast error is not)
+    suppress_steps = cfg.window + smoothed if cfg.suppress_steps is None else cfg.suppress_steps
     lik = AnomalyLikelihood(
         window=cfg.window,
         estimation_steps=cfg.estimation_steps,
@@ -1535,10 +1583,11 @@ def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThre
         min_std=cfg.min_std,
         cap=cfg.cap,
         suppress=cfg.suppress,
-        suppress_steps=cfg.window + smoothed if cfg.suppress_steps is None else cfg.suppress_steps,
+        suppress_steps=suppress_steps,
         spatial_tolerance=cfg.spatial_tolerance,
         learn_red=cfg.learn_red,
         scale=cfg.scale,
+        spatial_lag=suppress_steps if cfg.spatial_lag is None else cfg.spatial_lag,
     )
     ref = (
         ReferenceDeviation(

@@ -111,6 +111,56 @@ def test_spatial_anomaly_scores_one():
     assert s[170] < 1.0
 
 
+def test_a_lagged_spatial_range_sees_an_excursion_that_creeps_beyond_it():
+    """Numenta's range grows with every step, so a value that leaves it a little at a time never leaves it
+    by the tolerance; the range of the inputs before the last ``spatial_lag`` steps still holds the level
+    from before the excursion. Every plain hit is a lagged hit too (the lagged range is never wider)."""
+    t = np.arange(400)
+    x = np.sin(t / 5.0)[:, None, None].copy()  # range [-1, 1]: 5 % of it is 0.1
+    x[250:300, 0, 0] = -1.0 - 0.008 * np.arange(50)  # creeps down to -1.392, 0.008 a step
+    x[350, 0, 0] = 1.3  # a jump beyond the range
+    raw = np.full((400, 1), 0.5)
+    plain = run(AnomalyLikelihood(estimation_steps=20, spatial_tolerance=0.05), raw, x)[:, 0]
+    lagged = run(AnomalyLikelihood(estimation_steps=20, spatial_tolerance=0.05, spatial_lag=20), raw, x)[:, 0]
+    assert not (plain[250:300] == 1.0).any()
+    hits = np.flatnonzero(lagged[250:300] == 1.0) + 250
+    # the first step below the range before the excursion (minimum -0.9996) by 5 % of it: -1 - 0.008 k < -1.0996
+    assert hits[0] == 263
+    assert plain[350] == 1.0 and lagged[350] == 1.0
+    # nothing else once the range has seen a whole period (31 steps) and the ring has let it in: a familiar sine
+    assert (lagged[60:250] < 1.0).all() and (lagged[300:350] < 1.0).all()
+
+
+def test_a_lagged_spatial_range_exports_and_restores_its_waiting_inputs():
+    rng = np.random.default_rng(4)
+    raw = np.abs(rng.normal(size=(300, 1)))
+    x = rng.normal(size=(300, 1, 2))
+    x[220:260, 0, 0] = np.linspace(2.5, 4.0, 40)  # beyond the normal range, part of it still in the ring
+    a = AnomalyLikelihood(estimation_steps=30, spatial_tolerance=0.05, spatial_lag=15)
+    run(a, raw[:230], x[:230])
+    state = a.export(0)
+    b = AnomalyLikelihood(estimation_steps=30, spatial_tolerance=0.05, spatial_lag=15)
+    b.grow(2)
+    b.restore(1, state)  # before its first step: the feature count comes from the state
+    assert b.export(1) == state
+    rest_a = run(a, raw[230:], x[230:])[:, 0]
+    rest_b = []
+    for t in range(230, 300):
+        rest_b.append(b.step(np.array([1]), raw[t], x[t], np.array([True]))[0])
+        b.update(np.array([1]), np.array([True]))
+    np.testing.assert_allclose(rest_a, rest_b, rtol=0, atol=1e-12)
+    # a state without the ring (the plain check, or an older version) restores with nothing waiting; one
+    # saved with another lag puts its waiting inputs into the range at once
+    plain = AnomalyLikelihood(estimation_steps=30, spatial_tolerance=0.05)
+    plain.grow(1)
+    plain.restore(0, state)
+    assert plain.count[0] == state[1] and plain.hi[0, 0] == x[:230, 0, 0].max()  # the ring's inputs joined
+    c = AnomalyLikelihood(estimation_steps=30, spatial_tolerance=0.05, spatial_lag=15)
+    c.grow(1)
+    c.restore(0, plain.export(0))
+    assert c.count[0] == state[1] and np.isnan(c.recent[0]).all() and c.hi[0, 0] == plain.hi[0, 0]
+
+
 def test_likelihood_export_restore_continues_identically():
     rng = np.random.default_rng(2)
     raw = np.abs(rng.normal(size=(300, 1)))
