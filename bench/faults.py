@@ -483,17 +483,17 @@ def reference_scores(
     """The same messages through one uninterrupted in-process Processor, in batches of 97.
 
     With ``switch`` (device -> ts of the first step the worker scored with ``new_model``), each device is run
-    alone: the readings the worker applied before its swap (those before the one that closed that step) by
-    the starting model, then :meth:`Processor.swap` to the new model (the device re-warms from its
-    history, as in the worker), then the rest. Devices are independent, so this is the worker's
-    computation whatever its micro-batches were. Open buckets are flushed at the end, as the worker's
-    idle flush does once the stream stops.
+    alone, on a processor of its own: the readings the worker applied before its swap (those before the one
+    that closed that step) by the starting model, then :meth:`Processor.swap` to the new model (the device
+    re-warms from its history and keeps what its threshold learnt, as in the worker), then the rest.
+    Devices are independent, so this is the worker's computation whatever its micro-batches were. Open
+    buckets are flushed at the end, as the worker's idle flush does once the stream stops.
     """
     now_ms = int(time.time() * 1000)
     end_ms = now_ms + s.idle_flush_ms  # the worker closes a device's last open bucket when it goes quiet
     inbound = [Inbound(r.key, r.value or b"", r.topic, r.partition, r.offset) for r in readings]
-    old = build_detector(s, startup_model_dir(s))
-    proc = build_processor(s, old)
+    start = startup_model_dir(s)
+    proc = build_processor(s, build_detector(s, start))
     ref: Reference = {}
 
     def run(msgs: Sequence[Inbound]) -> None:
@@ -509,7 +509,6 @@ def reference_scores(
         run(inbound)
         flush()
         return ref
-    new = build_detector(s, new_model)
     by_device: dict[bytes | None, list[Inbound]] = defaultdict(list)
     for m in inbound:
         by_device[m.key].append(m)
@@ -517,9 +516,10 @@ def reference_scores(
         at = switch.get((key or b"").decode(errors="replace"))
         # Step ``at`` was closed by the reading at ``at + grace``: the first one the new model saw.
         before = [m for m in msgs if at is None or int(msgspec.json.decode(m.value)["ts"]) < at + s.grace_ms]
-        proc.swap(old)  # a device not seen yet starts fresh in ``old``
+        # a swap hands the detector's threshold state over to the next one: fresh detectors per device
+        proc = build_processor(s, build_detector(s, start))
         run(before)
-        proc.swap(new)
+        proc.swap(build_detector(s, new_model))
         run(msgs[len(before) :])
         flush()
     return ref

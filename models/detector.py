@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from models.artifact import Artifact
-from models.scoring import ErrorStats, ScoringConfig, Threshold, score_errors, update_stats
+from models.scoring import ErrorStats, ScoringConfig, Threshold, Units, score_errors, update_stats
 
 
 def resolve_device(name: str) -> str:
@@ -136,20 +136,83 @@ class Detector:
             self.reset(np.array([s]))
         return s
 
+    def slots_of(self, device_ids: Sequence[str]) -> np.ndarray:
+        """The slots of ``device_ids`` (distinct), allocating the missing ones together: one reset for all
+        of them instead of one per device (a swap takes over a whole fleet at once)."""
+        missing = [d for d in device_ids if d not in self.slots]
+        if len(self._free) < len(missing):
+            self._grow(max(1024, self.capacity * 2, self.capacity + len(missing) - len(self._free)))
+        fresh = np.array([self._free.pop() for _ in missing], np.int64)
+        self.slots.update(zip(missing, fresh.tolist(), strict=True))
+        if len(fresh):
+            self.reset(fresh)
+        return np.fromiter((self.slots[d] for d in device_ids), np.int64, len(device_ids))
+
     def release(self, device_id: str) -> None:
         """Forget a device (its partition moved to another worker)."""
         s = self.slots.pop(device_id, None)
         if s is not None:
             self._free.append(s)
 
-    def reset(self, slots: np.ndarray) -> None:
-        """Back to a fresh state: zero recurrent state, no forecast, warm-up starts again."""
+    def reset(self, slots: np.ndarray, *, keep_threshold: bool = False) -> None:
+        """Back to a fresh state: zero recurrent state, no forecast, warm-up starts again (the threshold's
+        state too, unless ``keep_threshold``: one taken over by :meth:`adopt`)."""
         idx = torch.as_tensor(slots, device=self.device)
         for t in self.state:
             t.index_fill_(1, idx, 0.0)
         self.age[slots] = 0
         self.stats.reset(slots)
-        self.threshold.reset(slots)
+        if not keep_threshold:
+            self.threshold.reset(slots)
+
+    def _carries(self, src: Detector) -> Units | None:
+        """The conversion from ``src``'s normalised units to this detector's when this one's threshold carries
+        over what ``src``'s learnt (same sensors, :meth:`Threshold.carries`), else None."""
+        if src.artifact.features != self.artifact.features or not self.threshold.carries(src.threshold):
+            return None
+        old, new = src.artifact.normaliser, self.artifact.normaliser
+        return Units(np.asarray(old.std / new.std, np.float64), np.asarray((old.mean - new.mean) / new.std))
+
+    def take_over(self, src: Detector) -> bool:
+        """Replace ``src`` (the detector that served until now; not to be used afterwards): keep its devices'
+        slots and the threshold state it learnt, converted in place to this artifact's normalised units (no
+        copy of a fleet's profiles). False (nothing taken) when the threshold's state belongs to the model
+        or this detector already serves devices. The taken devices' recurrent state and error statistics
+        are fresh: re-warm them from history with :meth:`warm`."""
+        units = self._carries(src)
+        if units is None or self.slots:
+            return False
+        src.threshold.rescale(units)
+        self.threshold = src.threshold
+        self._grow(src.capacity)
+        self.threshold.grow(self.capacity)
+        self.slots = dict(src.slots)
+        taken = set(self.slots.values())
+        self._free = [s for s in self._free if s not in taken]
+        return True
+
+    def adopt(self, src: Detector, device_ids: Sequence[str]) -> list[str]:
+        """Copy the threshold state ``src`` (another model's detector, which goes on serving) holds for
+        ``device_ids`` into this detector, converted to its normalised units; returns the devices taken
+        (none when the threshold's state belongs to the model). A shadow starts from the champion's."""
+        units = self._carries(src)
+        known = [d for d in device_ids if d in src.slots] if units is not None else []
+        if units is None or not known:
+            return []
+        s = np.fromiter((src.slots[d] for d in known), np.int64, len(known))
+        self.threshold.transfer(src.threshold, s, self.slots_of(known), units)
+        return known
+
+    @torch.inference_mode()
+    def warm(self, slots: np.ndarray, x: np.ndarray) -> None:
+        """Advance ``slots`` by one step of raw readings ``x`` ``(B, F)`` without the threshold: the recurrent
+        state and the error statistics only (past the burn-in, every error is learnt: nothing is flagged).
+        Re-warms a model's state from history under a threshold state that was carried over."""
+        xz = self.artifact.normaliser.apply(x)
+        age = self.age[slots]
+        learn = age > max(self.scoring.burnin_steps, 0)  # (age 0: no forecast yet)
+        update_stats(self.stats, slots, xz - self.forecast[slots], learn, self.scoring.alpha)
+        self._advance(slots, xz)
 
     @torch.inference_mode()
     def step(
@@ -180,7 +243,14 @@ class Detector:
         learn = scored & (age > self.scoring.burnin_steps) & (~is_anomaly | self.scoring.learn_from_anomalies)
         update_stats(self.stats, slots, err, learn, self.scoring.alpha)
         self.threshold.update(slots, sb.score, learn & warm)
+        self._advance(slots, xz)
 
+        forecast = np.where(has[:, None], self.artifact.normaliser.invert(prev), np.nan)
+        score = np.where(scored, reported, np.nan)
+        return StepOutput(forecast, score, sb.top, thr, warm, is_anomaly)
+
+    def _advance(self, slots: np.ndarray, xz: np.ndarray) -> None:
+        """One batched recurrent step: gather the slots' state, step, scatter, keep the next forecast."""
         idx = torch.from_numpy(slots).to(self.device)
         state = tuple(t.index_select(1, idx) for t in self.state)
         y, new = self.model.step(torch.from_numpy(xz).to(self.device), state)
@@ -188,10 +258,6 @@ class Detector:
             t.index_copy_(1, idx, n)
         self.forecast[slots] = y.cpu().numpy()
         self.age[slots] += 1
-
-        forecast = np.where(has[:, None], self.artifact.normaliser.invert(prev), np.nan)
-        score = np.where(scored, reported, np.nan)
-        return StepOutput(forecast, score, sb.top, thr, warm, is_anomaly)
 
     def export(self, device_id: str) -> bytes:
         return self.export_many([device_id])[0]

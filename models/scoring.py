@@ -19,6 +19,7 @@ import abc
 import math
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -98,6 +99,65 @@ def update_stats(stats: ErrorStats, slots: np.ndarray, err: np.ndarray, learn: n
     stats.count[s] += 1
 
 
+@dataclass(frozen=True)
+class Units:
+    """How inputs map from one artifact's normalised units to another's, per feature: ``x_new = x_old *
+    scale + shift`` (``scale = std_old / std_new``, ``shift = (mean_old - mean_new) / std_new``)."""
+
+    scale: np.ndarray  # (F,)
+    shift: np.ndarray  # (F,)
+
+    def convert(self, kind: str, v: np.ndarray) -> np.ndarray:
+        """``v`` ``(..., F)`` converted in place by its ``kind``: ``level`` (a value, smoothed or not),
+        ``square`` (a squared spread), ``log`` (a log-spread: ``+ log scale``), ``diff`` (a difference of
+        values: scaled, not shifted); anything else is unitless. In place because a fleet's profiles are
+        hundreds of MB, whose temporaries cost more than the arithmetic."""
+        if kind in ("level", "diff"):
+            v *= self.scale
+        if kind == "level":
+            v += self.shift
+        elif kind == "square":
+            v *= self.scale**2
+        elif kind == "log":
+            v += np.log(self.scale)
+        return v
+
+
+Rows = np.ndarray | slice
+
+
+class _Carried:
+    """Per-slot state that a model swap hands to the next detector (:meth:`transfer`) or keeps in place
+    (:meth:`rescale`). ``ARRAYS`` names each per-slot array with its :meth:`Units.convert` kind: ``""`` for
+    one without a feature axis, ``"free"`` for a unitless one with it."""
+
+    ARRAYS: tuple[tuple[str, str], ...] = ()
+    f = 0  # features; 0 until the member has seen an input
+
+    def _features(self, f: int) -> None:
+        """Size the feature axis (members with one override this)."""
+
+    def transfer(self, src: Any, s: np.ndarray, d: np.ndarray, units: Units) -> None:
+        """Rows ``s`` of ``src`` (a member of the same configuration) into rows ``d``, converted."""
+        if src.f:
+            self._features(src.f)
+        for name, kind in self.ARRAYS:
+            if kind and not src.f:
+                continue  # a member that has seen no input has nothing on its feature axis
+            getattr(self, name)[d] = units.convert(kind, getattr(src, name)[s])
+
+    def rescale(self, rows: Rows, units: Units) -> None:
+        """Convert ``rows`` (all of them: ``slice(None)``, in place) to ``units``."""
+        if not self.f:
+            return
+        for name, kind in self.ARRAYS:
+            a = getattr(self, name)
+            if isinstance(rows, slice):
+                units.convert(kind, a[rows])  # a view
+            elif kind:
+                a[rows] = units.convert(kind, a[rows])
+
+
 class Threshold(abc.ABC):
     """Decides which scores are anomalous; may keep per-device state indexed by slot."""
 
@@ -139,6 +199,20 @@ class Threshold(abc.ABC):
 
     def restore(self, slot: int, state: list[float]) -> None:  # noqa: B027
         """Load what :meth:`export` produced."""
+
+    def carries(self, src: Threshold) -> bool:
+        """Whether this threshold takes over what ``src`` (of another model's detector) learnt. No by default:
+        its state belongs to the model, and a swap re-warms it from history."""
+        return False
+
+    def transfer(self, src: Threshold, src_slots: np.ndarray, dst_slots: np.ndarray, units: Units) -> None:
+        """Copy the state of ``src`` (:meth:`carries` it) for ``src_slots`` into ``dst_slots``, its inputs
+        converted to this detector's normalised ``units``."""
+        raise NotImplementedError
+
+    def rescale(self, units: Units) -> None:
+        """Convert every slot's state in place to ``units`` (a detector taking this threshold over)."""
+        raise NotImplementedError
 
 
 class StaticThreshold(Threshold):
@@ -267,7 +341,7 @@ def log_likelihood(tail: np.ndarray) -> np.ndarray:
     return np.clip(np.log(tail + 1e-10) / _LOG_1E10, 0.0, 1.0)
 
 
-class AnomalyLikelihood:
+class AnomalyLikelihood(_Carried):
     """Per-slot anomaly likelihood over a rolling error distribution (in the style of Numenta HTM), batched.
 
     For each slot, step ``t``'s raw score ``r_t`` (clipped to ``cap``) enters a moving average over the
@@ -412,6 +486,7 @@ class AnomalyLikelihood:
     def _features(self, f: int) -> None:
         """Size the spatial range for ``f`` features (set by the first step, or by a restored state)."""
         if self.lo.shape[1] != f:
+            self.f = f
             self.lo = np.full((self.capacity, f), np.nan)
             self.hi = np.full((self.capacity, f), np.nan)
             self.recent = np.full((self.capacity, self.spatial_lag, f), np.nan)
@@ -542,6 +617,24 @@ class AnomalyLikelihood:
             self.lo[slot] = np.fmin(self.lo[slot], np.nanmin(waiting, axis=0))
             self.hi[slot] = np.fmax(self.hi[slot], np.nanmax(waiting, axis=0))
 
+    # the averages are unitless; the spatial range and the inputs waiting to join it are levels
+    ARRAYS = (
+        *((name, "") for name in ("n", "buf", "avg", "mean", "var", "count", "prev_red", "since", "learn_n")),
+        ("estimate_n", ""),
+        ("lo", "level"),
+        ("hi", "level"),
+        ("recent", "level"),
+    )
+
+
+class _Member(Protocol):
+    """What :class:`LikelihoodThreshold` does with each of its optional members."""
+
+    def grow(self, capacity: int) -> None: ...
+    def reset(self, slots: np.ndarray) -> None: ...
+    def transfer(self, src: Any, s: np.ndarray, d: np.ndarray, units: Units) -> None: ...
+    def rescale(self, rows: Rows, units: Units) -> None: ...
+
 
 class LikelihoodThreshold(Threshold):
     """Adaptive and unsupervised: the raw score becomes the anomaly likelihood of :class:`AnomalyLikelihood`
@@ -596,13 +689,13 @@ class LikelihoodThreshold(Threshold):
 
     def grow(self, capacity: int) -> None:
         self.likelihood.grow(capacity)
-        for member in (self.reference, self.seasonal, self.spread, self.spread_likelihood, self.recurrence):
+        for member in self._members():
             if member is not None:
                 member.grow(capacity)
 
     def reset(self, slots: np.ndarray) -> None:
         self.likelihood.reset(slots)
-        for member in (self.reference, self.seasonal, self.spread, self.spread_likelihood, self.recurrence):
+        for member in self._members():
             if member is not None:
                 member.reset(slots)
 
@@ -657,6 +750,33 @@ class LikelihoodThreshold(Threshold):
         for member in (self.reference, self.seasonal, self.spread):
             if member is not None:
                 member.update(slots, learn)
+
+    def _members(self) -> tuple[_Member | None, ...]:
+        return (self.reference, self.seasonal, self.spread, self.spread_likelihood, self.recurrence)
+
+    def carries(self, src: Threshold) -> bool:
+        """What the ensemble learnt is the device's, not the model's (its distribution, probation, range,
+        levels, profiles and recurrence memory): taken over from an ensemble of the same members, likelihood
+        window and spatial lag."""
+        return (
+            isinstance(src, LikelihoodThreshold)
+            and src.likelihood.window == self.likelihood.window
+            and src.likelihood.spatial_lag == self.likelihood.spatial_lag
+            and all(type(a) is type(b) for a, b in zip(src._members(), self._members(), strict=True))
+        )
+
+    def transfer(self, src: Threshold, src_slots: np.ndarray, dst_slots: np.ndarray, units: Units) -> None:
+        assert isinstance(src, LikelihoodThreshold) and self.carries(src)
+        self.likelihood.transfer(src.likelihood, src_slots, dst_slots, units)
+        for mine, theirs in zip(self._members(), src._members(), strict=True):
+            if mine is not None:
+                mine.transfer(theirs, src_slots, dst_slots, units)
+
+    def rescale(self, units: Units) -> None:
+        self.likelihood.rescale(slice(None), units)
+        for member in self._members():
+            if member is not None:
+                member.rescale(slice(None), units)
 
     def export(self, slot: int) -> list[float]:
         state = self._export_members(slot)
@@ -739,7 +859,7 @@ class LikelihoodThreshold(Threshold):
         self.seasonal.restore(slot, rest[1 + r :])
 
 
-class _SlotRows:
+class _SlotRows(_Carried):
     """Per-slot state of a reference-based ensemble member: a count ``n`` of seen steps and ``(F,)`` float
     rows named in ``ROWS`` (the feature count ``f`` is set by the first step or restore). The first
     ``skip_steps`` seen steps warm up, the next ``reference_steps`` fix the reference. Exported as
@@ -865,6 +985,7 @@ class ReferenceDeviation(_SlotRows):
 
     ROWS = ("ema", "mean", "m2", "level")  # smoothed input; reference mean / sum of squares; level
     SIGNAL = "ema"
+    ARRAYS = (("n", ""), ("ema", "level"), ("mean", "level"), ("m2", "square"), ("level", "level"))
     ema: np.ndarray
 
     def __init__(
@@ -914,6 +1035,16 @@ class SpreadDeviation(_SlotRows):
     # reference mean / sum of squares of the log-spread, level
     ROWS = ("last", "spread", "logs", "mean", "m2", "level")
     SIGNAL = "logs"
+    # a log-spread moves by log(scale) (the eps under it aside); the spread of the log-spreads is unitless
+    ARRAYS = (
+        ("n", ""),
+        ("last", "level"),
+        ("spread", "square"),
+        ("logs", "log"),
+        ("mean", "log"),
+        ("m2", "free"),
+        ("level", "log"),
+    )
     last: np.ndarray
     spread: np.ndarray
     logs: np.ndarray
@@ -954,7 +1085,7 @@ class SpreadDeviation(_SlotRows):
         return self._score(slots, seen, self.std_floor)
 
 
-class SeasonalDeviation:
+class SeasonalDeviation(_Carried):
     """Per-slot deviation of the smoothed input from the slot's own *seasonal profile* (batched, causal).
 
     For series with a daily (or weekly) rhythm, an anomaly can be a value that is normal in itself but
@@ -975,6 +1106,17 @@ class SeasonalDeviation:
     Causal: the score at ``t`` compares the input up to ``t`` with a profile learnt before ``t``.
     Memory: ``bins x (2F + 3)`` floats per slot.
     """
+
+    # the smoothed input and the profiles are levels, the residual variances squares, the last residual a
+    # difference
+    ARRAYS = (
+        *((name, "") for name in ("n", "nres", "prev_bin", "bin", "count", "visits", "bin_nres")),
+        ("ema", "level"),
+        ("profile", "level"),
+        ("var", "square"),
+        ("bin_var", "square"),
+        ("res", "diff"),
+    )
 
     def __init__(
         self,
@@ -1167,6 +1309,14 @@ class WeeklySeasonalDeviation:
         w = self.weekly.export(slot)
         return [float(len(w)), *w, *self.daily.export(slot)]
 
+    def transfer(self, src: WeeklySeasonalDeviation, s: np.ndarray, d: np.ndarray, units: Units) -> None:
+        self.weekly.transfer(src.weekly, s, d, units)
+        self.daily.transfer(src.daily, s, d, units)
+
+    def rescale(self, rows: Rows, units: Units) -> None:
+        self.weekly.rescale(rows, units)
+        self.daily.rescale(rows, units)
+
     def restore(self, slot: int, state: list[float]) -> None:
         if state:
             k = int(state[0])
@@ -1174,7 +1324,7 @@ class WeeklySeasonalDeviation:
             self.daily.restore(slot, state[1 + k :])
 
 
-class DailyRecurrence:
+class DailyRecurrence(_Carried):
     """Per-slot memory of *when* events happened, to tell a new event from one that recurs at the same time
     every day (a daily job's spike), batched and causal.
 
@@ -1194,6 +1344,8 @@ class DailyRecurrence:
     (:meth:`report`), and :meth:`weaker` tells the events no stronger than a report of the last ``per_day``
     hours (``(lookback + 1) x per_day`` floats more per slot, exported after the flags).
     """
+
+    ARRAYS = (("clock", ""), ("prev", ""), ("ring", ""), ("peak", ""))  # hours and scores: no input units
 
     def __init__(
         self,

@@ -13,8 +13,12 @@ Model swaps: recurrent state belongs to a model version. Every device keeps a bo
 recent resampled inputs; after :meth:`Processor.swap` (or when a checkpoint from another version is
 restored) a device is *stale*, and before its next step it is re-warmed by running the new model over
 that history — batched with the other stale devices of the same micro-batch — so the fleet does not
-fall back to warm-up. A batch is always scored by one model. A *shadow* detector (a candidate) can run
-beside the champion on the same steps; its scores go to ``shadow_scores`` only.
+fall back to warm-up. What the threshold learnt is not the model's: a threshold that can carry it
+(the likelihood ensemble's distribution, levels, profiles) hands it to the new detector at the swap,
+converted to its normalised units (:meth:`Detector.adopt`), and those devices re-warm only the
+recurrent state and error statistics. A batch is always scored by one model. A *shadow* detector (a
+candidate) can run beside the champion on the same steps, its threshold state taken from the champion's
+in the same way; its scores go to ``shadow_scores`` only.
 """
 
 from __future__ import annotations
@@ -165,6 +169,7 @@ class Processor:
         self.detector = detector
         self.shadow: Detector | None = None
         self._shadow_warm: set[str] = set()
+        self._carried: set[str] = set()  # stale devices whose threshold state the new detector took over
         self.window = window
         self.limits = limits
         self.sensors = tuple(limits.sensors)
@@ -191,7 +196,10 @@ class Processor:
         return d
 
     def swap(self, detector: Detector) -> None:
-        """Serve ``detector`` from the next step on; every known device is re-warmed lazily."""
+        """Serve ``detector`` from the next step on; every known device is re-warmed lazily, keeping the
+        threshold state ``detector`` takes over from the current one."""
+        if detector.take_over(self.detector):
+            self._carried = {dev for dev, d in self.devices.items() if not d.stale}
         self.detector = detector
         for d in self.devices.values():
             d.stale = True
@@ -224,6 +232,7 @@ class Processor:
         for k in gone:
             self.history.free(self.devices.pop(k).row)
             self.detector.release(k)
+            self._carried.discard(k)
             if self.shadow is not None:
                 self.shadow.release(k)
                 self._shadow_warm.discard(k)
@@ -278,27 +287,35 @@ class Processor:
         self._run(pending, res)
         return res
 
-    def _rewarm(self, detector: Detector, devices: list[str]) -> None:
-        """Fresh state for ``devices`` in ``detector``, then their history through it (batched waves)."""
-        slots = np.array([detector.slot(d) for d in devices], np.int64)
-        detector.reset(slots)
+    def _rewarm(self, detector: Detector, devices: list[str], carried: set[str]) -> None:
+        """Fresh state for ``devices`` in ``detector``, then their history through it (batched waves). The
+        ``carried`` ones keep their threshold state: their history re-warms only the recurrent state and
+        the error statistics (and they leave ``carried``)."""
+        slots = detector.slots_of(devices)
+        keep = np.fromiter((d in carried for d in devices), bool, len(devices))
+        detector.reset(slots[~keep])
+        detector.reset(slots[keep], keep_threshold=True)
+        carried.difference_update(devices)
         history, count = self.history.get(np.fromiter((self.devices[d].row for d in devices), np.int64, len(devices)))
         for depth in range(int(count.max(initial=0))):
             has = count > depth  # devices keep their order; each steps through its history oldest first
-            detector.step(slots[has], history[has, depth])
+            if (full := has & ~keep).any():
+                detector.step(slots[full], history[full, depth])
+            if (warm := has & keep).any():
+                detector.warm(slots[warm], history[warm, depth])
 
     def _prepare(self, pending: dict[str, list[Step]], res: BatchResult) -> None:
         t = time.perf_counter()
         stale = [d for d in pending if self.devices[d].stale]
         if stale:
-            self._rewarm(self.detector, stale)
+            self._rewarm(self.detector, stale, self._carried)
             for d in stale:
                 self.devices[d].stale = False
             res.rewarmed += len(stale)
         if self.shadow is not None:
             cold = [d for d in pending if d not in self._shadow_warm]
             if cold:
-                self._rewarm(self.shadow, cold)
+                self._rewarm(self.shadow, cold, set(self.shadow.adopt(self.detector, cold)))
                 self._shadow_warm.update(cold)
         res.rewarm_s += time.perf_counter() - t
 

@@ -2,7 +2,7 @@
 
 Each test runs one scenario on a fresh stack (Tansu, InfluxDB, ``iotad worker`` processes) while a
 simulated fleet streams in, and checks that no reading is lost or scored twice and that every score equals
-an uninterrupted in-process run of the same input. The whole file takes about 3.5 minutes.
+an uninterrupted in-process run of the same input. The whole file takes about 4.5 minutes.
 """
 
 from __future__ import annotations
@@ -61,6 +61,14 @@ def test_a_killed_worker_resumes_the_likelihood_ensemble_from_its_checkpoints(tm
     after which a device restored afresh would still report the neutral score (the mismatch was 0.94)."""
     out = _run("kill", tmp_path, replace(FAST, stream_s=40.0), Settings(threshold_method="ensemble"))
     assert len(out.details["kills"]) == 3
+
+
+def test_a_model_swap_keeps_what_the_ensemble_learnt(tmp_path: Path) -> None:
+    """With the likelihood ensemble a swap hands each device's threshold state to the new model's detector
+    (converted to its normalisation) and re-warms only the recurrent state: the worker's scores equal the
+    reference's, which runs the same Processor.swap per device."""
+    out = _run("model_swap", tmp_path, replace(FAST, stream_s=40.0), Settings(threshold_method="ensemble"))
+    assert out.details["model_swaps"] == 1 and len(out.details["influx_points_per_version"]) == 2
 
 
 def test_rebalance_two_one_two_workers_under_load(tmp_path: Path) -> None:

@@ -12,11 +12,14 @@ import pytest
 from models.scoring import (
     AnomalyLikelihood,
     CalibratedThreshold,
+    EnsembleConfig,
     LikelihoodThreshold,
     ReferenceDeviation,
     SeasonalDeviation,
     SpreadDeviation,
+    Units,
     WeeklySeasonalDeviation,
+    ensemble_threshold,
     erfc,
     log_likelihood,
     make_threshold,
@@ -840,3 +843,51 @@ def test_a_slow_sensor_left_offset_by_a_fault_is_reanchored_once_the_fast_ones_a
     assert not other.slow[1].any()
     with pytest.raises(ValueError):
         _calibrated(False).set_slow(np.array([0]), slow_marks[None, :])
+
+
+def test_the_ensemble_carries_its_state_into_another_normalisation():
+    """A model swap hands the ensemble's state to a detector whose artifact normalises the inputs
+    differently (Detector.adopt): converted, every member continues as if its inputs had always come in the
+    new units -- the likelihood, the spatial range and its waiting inputs, the reference level, the hourly
+    and weekly profiles, the noise level, the daily-recurrence memory. Slots may differ."""
+    rng = np.random.default_rng(8)
+    n, cut = 1400, 1000
+    t = np.arange(n)
+    raw = 50.0 + 10.0 * np.sin(2 * np.pi * t / 24)[:, None] + rng.normal(0.0, 2.0, size=(n, 2))
+    raw[1200:1230, 1] += np.linspace(0.0, 25.0, 30)  # an excursion, reported and then learnt
+    z = np.abs(rng.normal(size=n))  # the forecast error's score: unitless
+    ctx = t % 168  # one step an hour
+    mean_a, std_a, mean_b, std_b = np.array([40.0, 45.0]), np.array([4.0, 5.0]), np.array([55.0, 50.0]), 1.5
+    xa, xb = (raw - mean_a) / std_a, (raw - mean_b) / std_b
+    a, b = ensemble_threshold(EnsembleConfig()), ensemble_threshold(EnsembleConfig())
+    a.grow(2)
+    b.grow(5)
+
+    def step(thr: LikelihoodThreshold, slot: int, i: int, x: np.ndarray) -> float:
+        slots = np.array([slot])
+        out = thr.transform(slots, z[i : i + 1], x[i : i + 1], np.array([True]), ctx[i : i + 1])
+        thr.update(slots, z[i : i + 1], out <= 0.5)  # as the detector: flagged steps are not learnt
+        return float(out[0])
+
+    for i in range(cut):
+        step(a, 1, i, xa)
+    units = Units(std_a / std_b, (mean_a - mean_b) / std_b)
+    assert b.carries(a)
+    b.transfer(a, np.array([1]), np.array([3]), units)  # a shadow: copied, ``a`` goes on
+    went_on = [step(a, 1, i, xa) for i in range(cut, n)]
+    carried = [step(b, 3, i, xb) for i in range(cut, n)]
+    # (to ~1e-6: the log-spread is log(spread + 1e-6), so a converted spread moves it by log(scale) only nearly)
+    np.testing.assert_allclose(carried, went_on, rtol=0, atol=1e-5)
+    assert [c > 0.5 for c in carried] == [w > 0.5 for w in went_on]
+    assert max(went_on) > 0.5  # the excursion was reported by both
+    assert b.likelihood.count[3] == a.likelihood.count[1] > 1000
+    # a swap: the threshold itself is taken over, converted in place (every slot)
+    c = ensemble_threshold(EnsembleConfig())
+    c.grow(2)
+    for i in range(cut):
+        step(c, 0, i, xa)
+    c.rescale(units)
+    np.testing.assert_allclose([step(c, 0, i, xb) for i in range(cut, n)], went_on, rtol=0, atol=1e-5)
+    # a threshold of other members takes nothing over
+    assert not make_threshold("likelihood", value=0.5, quantile=0.99, margin=1.5).carries(a)
+    assert not ensemble_threshold(EnsembleConfig(seasonal=False)).carries(a)

@@ -531,6 +531,48 @@ def test_swap_rewarms_from_history_and_a_shadow_runs_beside(artifact):
         assert all(r.status == Status.WARMING_UP for r in res.scores if r.device_id == "dev-4")
 
 
+def test_a_swap_carries_the_ensembles_state_and_rewarms_only_the_model(artifact):
+    """With the likelihood ensemble, what the threshold learnt survives a model swap (and seeds a shadow):
+    the new detector takes it over, in its own artifact's units, and the history re-warms only the recurrent
+    state and the error statistics. The static/adaptive thresholds re-warm from history as before."""
+    scoring = ScoringConfig(warmup_steps=WARMUP, halflife_steps=20.0, burnin_steps=BURNIN)
+
+    def ensemble(art: Artifact) -> Detector:
+        return Detector(art, scoring, make_threshold("ensemble", value=0.5, quantile=0.99, margin=1.5), capacity=8)
+
+    torch.manual_seed(7)
+    model = Forecaster(ForecasterConfig(n_features=3, hidden=16, layers=2)).eval()
+    new = Artifact(model, FEATURES, Normaliser(MEAN + 1.0, STD * 2.0), version="t2")  # other units
+    proc = Processor(ensemble(artifact), WINDOW, LIMITS)
+    fleet = Fleet(3)
+    for t in range(160):
+        proc.process(fleet.batch(t), T0 + t * STEP)
+    old = proc.detector
+    before = {d: old.threshold.likelihood.count[old.slots[d]] for d in fleet.devices}
+    assert min(before.values()) > 100  # past its probation
+    ref = {d: old.threshold.reference.level[old.slots[d]].copy() for d in fleet.devices}
+    proc.swap(ensemble(new))
+    proc.set_shadow(ensemble(_artifact("s1", 3)))
+    res = proc.process(fleet.batch(160), T0 + 160 * STEP)
+    det, shadow = proc.detector, proc.shadow
+    assert det is not old and shadow is not None and res.rewarmed == 3
+    for d in fleet.devices:
+        s = det.slots[d]
+        # one more learnt average, not a new probation; the level in the new units (it learnt one step since)
+        assert det.threshold.likelihood.count[s] == before[d] + 1
+        np.testing.assert_allclose(
+            det.threshold.reference.level[s], (ref[d] * STD + MEAN - (MEAN + 1.0)) / (STD * 2.0), atol=0.05
+        )
+        assert det.stats.count[s] > 40  # the error statistics re-warmed from the 48 steps of history
+        assert shadow.threshold.likelihood.count[shadow.slots[d]] == before[d] + 1  # seeded by the champion's
+    assert all(r.status == Status.OK for r in res.scores + res.shadow_scores)
+    # the new detector kept the old one's slots; a device seen for the first time gets a free one
+    fleet.devices.append("dev-9")
+    res = proc.process(fleet.batch(161), T0 + 161 * STEP)
+    assert len(res.scores) == 4 and len(set(det.slots.values())) == len(det.slots) == 4
+    assert det.threshold.likelihood.count[det.slots["dev-9"]] == 0
+
+
 @pytest.mark.parametrize("steps", [0, 1, 5])
 def test_history_ring_behaves_like_a_bounded_deque_per_device(steps):
     from collections import deque
