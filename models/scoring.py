@@ -123,9 +123,6 @@ class Units:
         return v
 
 
-Rows = np.ndarray | slice
-
-
 class _Carried:
     """Per-slot state that a model swap hands to the next detector (:meth:`transfer`) or keeps in place
     (:meth:`rescale`). ``ARRAYS`` names each per-slot array with its :meth:`Units.convert` kind: ``""`` for
@@ -146,16 +143,11 @@ class _Carried:
                 continue  # a member that has seen no input has nothing on its feature axis
             getattr(self, name)[d] = units.convert(kind, getattr(src, name)[s])
 
-    def rescale(self, rows: Rows, units: Units) -> None:
-        """Convert ``rows`` (all of them: ``slice(None)``, in place) to ``units``."""
-        if not self.f:
-            return
-        for name, kind in self.ARRAYS:
-            a = getattr(self, name)
-            if isinstance(rows, slice):
-                units.convert(kind, a[rows])  # a view
-            elif kind:
-                a[rows] = units.convert(kind, a[rows])
+    def rescale(self, units: Units) -> None:
+        """Convert every slot's arrays to ``units``, in place."""
+        if self.f:
+            for name, kind in self.ARRAYS:
+                units.convert(kind, getattr(self, name))
 
 
 class Threshold(abc.ABC):
@@ -633,7 +625,7 @@ class _Member(Protocol):
     def grow(self, capacity: int) -> None: ...
     def reset(self, slots: np.ndarray) -> None: ...
     def transfer(self, src: Any, s: np.ndarray, d: np.ndarray, units: Units) -> None: ...
-    def rescale(self, rows: Rows, units: Units) -> None: ...
+    def rescale(self, units: Units) -> None: ...
 
 
 class LikelihoodThreshold(Threshold):
@@ -773,10 +765,10 @@ class LikelihoodThreshold(Threshold):
                 mine.transfer(theirs, src_slots, dst_slots, units)
 
     def rescale(self, units: Units) -> None:
-        self.likelihood.rescale(slice(None), units)
+        self.likelihood.rescale(units)
         for member in self._members():
             if member is not None:
-                member.rescale(slice(None), units)
+                member.rescale(units)
 
     def export(self, slot: int) -> list[float]:
         state = self._export_members(slot)
@@ -1313,9 +1305,9 @@ class WeeklySeasonalDeviation:
         self.weekly.transfer(src.weekly, s, d, units)
         self.daily.transfer(src.daily, s, d, units)
 
-    def rescale(self, rows: Rows, units: Units) -> None:
-        self.weekly.rescale(rows, units)
-        self.daily.rescale(rows, units)
+    def rescale(self, units: Units) -> None:
+        self.weekly.rescale(units)
+        self.daily.rescale(units)
 
     def restore(self, slot: int, state: list[float]) -> None:
         if state:
