@@ -54,7 +54,9 @@ class StepOutput:
 
 
 class _Exported(msgspec.Struct, array_like=True):
-    """Serialised state of one device (msgpack); ``version`` ties the recurrent state to a model."""
+    """Serialised state of one device (msgpack); ``version`` ties the recurrent state to a model. The
+    artifact's normaliser comes last (states saved before it was added decode without it): a threshold
+    whose state is the device's converts it from those units when another model restores it."""
 
     version: str
     state: list[bytes]
@@ -64,6 +66,8 @@ class _Exported(msgspec.Struct, array_like=True):
     err_var: list[float]
     err_count: int
     threshold: list[float]
+    norm_mean: list[float] = msgspec.field(default_factory=list)
+    norm_std: list[float] = msgspec.field(default_factory=list)
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -273,6 +277,10 @@ class Detector:
         age = self.age[slots].tolist()
         mean, var = self.stats.mean[slots].tolist(), self.stats.var[slots].tolist()
         count = self.stats.count[slots].tolist()
+        # the units of the threshold's state, for another model to convert it (only where it is carried over)
+        carried = self.threshold.carries(self.threshold)
+        norm_mean = np.asarray(self.artifact.normaliser.mean, np.float64).tolist() if carried else []
+        norm_std = np.asarray(self.artifact.normaliser.std, np.float64).tolist() if carried else []
         return [
             _enc.encode(
                 _Exported(
@@ -284,6 +292,8 @@ class Detector:
                     var[i],
                     int(count[i]),
                     self.threshold.export(int(s)),
+                    norm_mean,
+                    norm_std,
                 )
             )
             for i, s in enumerate(slots.tolist())
@@ -316,4 +326,27 @@ class Detector:
         self.age[s] = e.age
         self.stats.mean[s], self.stats.var[s], self.stats.count[s] = e.err_mean, e.err_var, e.err_count
         self.threshold.restore(s, e.threshold)
+        return True
+
+    def restore_threshold(self, device_id: str, blob: bytes) -> bool:
+        """The threshold part of a state blob that another model version saved (:meth:`restore` refused it),
+        converted from that model's normalised units to this one's, for a threshold whose state is the
+        device's (:meth:`Threshold.carries`; the likelihood ensemble). True: taken; the recurrent state is
+        still fresh, re-warm it with :meth:`warm`."""
+        try:
+            e = _dec.decode(blob)
+        except (msgspec.DecodeError, ValueError):
+            return False
+        if (
+            e.version == self.version
+            or len(e.norm_mean) != self.n_features
+            or len(e.norm_std) != self.n_features
+            or not self.threshold.carries(self.threshold)
+        ):
+            return False
+        s = np.array([self.slot(device_id)])
+        self.threshold.restore(int(s[0]), e.threshold)
+        new = self.artifact.normaliser
+        old_mean, old_std = np.asarray(e.norm_mean), np.asarray(e.norm_std)
+        self.threshold.transfer(self.threshold, s, s, Units(old_std / new.std, (old_mean - new.mean) / new.std))
         return True

@@ -192,6 +192,8 @@ class Processor:
             rows = np.frombuffer(cp.history, np.float32).reshape(-1, len(self.sensors))
             self.history.extend(d.row, rows)
             restored = cp.detector is not None and self.detector.restore(device_id, cp.detector)
+            if not restored and cp.detector is not None and self.detector.restore_threshold(device_id, cp.detector):
+                self._carried.add(device_id)  # saved by another model: what its threshold learnt still holds
             d.stale = not restored and bool(self.history.count[d.row])
         return d
 

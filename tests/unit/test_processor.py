@@ -573,6 +573,41 @@ def test_a_swap_carries_the_ensembles_state_and_rewarms_only_the_model(artifact)
     assert det.threshold.likelihood.count[det.slots["dev-9"]] == 0
 
 
+def test_a_checkpoint_of_another_model_keeps_what_the_ensemble_learnt(artifact):
+    """A worker serving a newer model restores a device whose checkpoint the previous model wrote (a restart or
+    a rebalance right after a swap): the recurrent state re-warms from the history, the ensemble's state is
+    taken over, converted from the units the checkpoint names. A static threshold's checkpoint carries no units."""
+    scoring = ScoringConfig(warmup_steps=WARMUP, halflife_steps=20.0, burnin_steps=BURNIN)
+
+    def ensemble(art: Artifact) -> Detector:
+        return Detector(art, scoring, make_threshold("ensemble", value=0.5, quantile=0.99, margin=1.5), capacity=8)
+
+    torch.manual_seed(7)
+    model = Forecaster(ForecasterConfig(n_features=3, hidden=16, layers=2)).eval()
+    new = Artifact(model, FEATURES, Normaliser(MEAN + 1.0, STD * 2.0), version="t2")
+    fleet = Fleet(2)
+    proc = Processor(ensemble(artifact), WINDOW, LIMITS)
+    for t in range(160):
+        proc.process(fleet.batch(t), T0 + t * STEP)
+    saved = {d: blob for d, (_, blob) in proc.checkpoint(fleet.devices).items()}
+    old = proc.detector
+    count = {d: old.threshold.likelihood.count[old.slots[d]] for d in fleet.devices}
+    level = {d: old.threshold.reference.level[old.slots[d]].copy() for d in fleet.devices}
+    later = Processor(ensemble(new), WINDOW, LIMITS, state_source=saved.get)
+    res = later.process(fleet.batch(160), T0 + 160 * STEP)
+    det = later.detector
+    assert res.rewarmed == 2 and all(r.status == Status.OK for r in res.scores)
+    for d in fleet.devices:
+        s = det.slots[d]
+        assert det.threshold.likelihood.count[s] == count[d] + 1
+        np.testing.assert_allclose(
+            det.threshold.reference.level[s], (level[d] * STD + MEAN - (MEAN + 1.0)) / (STD * 2.0), atol=0.05
+        )
+    plain = make_processor(artifact)
+    plain.process(fleet.batch(0), T0)
+    assert not _detector(new).restore_threshold("dev-0", plain.detector.export("dev-0"))
+
+
 @pytest.mark.parametrize("steps", [0, 1, 5])
 def test_history_ring_behaves_like_a_bounded_deque_per_device(steps):
     from collections import deque
