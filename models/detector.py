@@ -160,7 +160,7 @@ class Detector:
 
     def reset(self, slots: np.ndarray, *, keep_threshold: bool = False) -> None:
         """Back to a fresh state: zero recurrent state, no forecast, warm-up starts again (the threshold's
-        state too, unless ``keep_threshold``: one taken over by :meth:`adopt`)."""
+        state too, unless ``keep_threshold``: one carried over from another model, see :meth:`take_over`)."""
         idx = torch.as_tensor(slots, device=self.device)
         for t in self.state:
             t.index_fill_(1, idx, 0.0)

@@ -15,7 +15,7 @@ restored) a device is *stale*, and before its next step it is re-warmed by runni
 that history — batched with the other stale devices of the same micro-batch — so the fleet does not
 fall back to warm-up. What the threshold learnt is not the model's: a threshold that can carry it
 (the likelihood ensemble's distribution, levels, profiles) hands it to the new detector at the swap,
-converted to its normalised units (:meth:`Detector.adopt`), and those devices re-warm only the
+converted to its normalised units (:meth:`Detector.take_over`), and those devices re-warm only the
 recurrent state and error statistics. A batch is always scored by one model. A *shadow* detector (a
 candidate) can run beside the champion on the same steps, its threshold state taken from the champion's
 in the same way; its scores go to ``shadow_scores`` only.
@@ -201,7 +201,10 @@ class Processor:
         """Serve ``detector`` from the next step on; every known device is re-warmed lazily, keeping the
         threshold state ``detector`` takes over from the current one."""
         if detector.take_over(self.detector):
-            self._carried = {dev for dev, d in self.devices.items() if not d.stale}
+            # the stale devices of a swap before this one are still carried: their state came along again
+            self._carried |= {dev for dev, d in self.devices.items() if not d.stale}
+        else:
+            self._carried = set()
         self.detector = detector
         for d in self.devices.values():
             d.stale = True

@@ -566,6 +566,16 @@ def test_a_swap_carries_the_ensembles_state_and_rewarms_only_the_model(artifact)
         assert det.stats.count[s] > 40  # the error statistics re-warmed from the 48 steps of history
         assert shadow.threshold.likelihood.count[shadow.slots[d]] == before[d] + 1  # seeded by the champion's
     assert all(r.status == Status.OK for r in res.scores + res.shadow_scores)
+    # two swaps before a device comes back: the second takes over the state the first carried
+    again = Processor(ensemble(artifact), WINDOW, LIMITS)
+    for t in range(160):
+        again.process(fleet.batch(t), T0 + t * STEP)
+    again.swap(ensemble(new))
+    again.swap(ensemble(_artifact("t3", 5)))
+    again.process(fleet.batch(160), T0 + 160 * STEP)
+    assert [again.detector.threshold.likelihood.count[again.detector.slots[d]] for d in fleet.devices] == [
+        before[d] + 1 for d in fleet.devices
+    ]
     # the new detector kept the old one's slots; a device seen for the first time gets a free one
     fleet.devices.append("dev-9")
     res = proc.process(fleet.batch(161), T0 + 161 * STEP)
