@@ -371,6 +371,10 @@ class AnomalyLikelihood(_Carried):
     Causal: the score at ``t`` uses raw scores and inputs up to ``t`` and a distribution learnt before ``t``.
     """
 
+    # the averages are unitless; the spatial range and the inputs waiting to join it are levels
+    _UNITLESS = ("n", "buf", "avg", "mean", "var", "count", "prev_red", "since", "learn_n", "estimate_n")
+    ARRAYS = (*((name, "") for name in _UNITLESS), ("lo", "level"), ("hi", "level"), ("recent", "level"))
+
     def __init__(
         self,
         *,
@@ -608,15 +612,6 @@ class AnomalyLikelihood(_Carried):
         elif np.isfinite(waiting).any():
             self.lo[slot] = np.fmin(self.lo[slot], np.nanmin(waiting, axis=0))
             self.hi[slot] = np.fmax(self.hi[slot], np.nanmax(waiting, axis=0))
-
-    # the averages are unitless; the spatial range and the inputs waiting to join it are levels
-    ARRAYS = (
-        *((name, "") for name in ("n", "buf", "avg", "mean", "var", "count", "prev_red", "since", "learn_n")),
-        ("estimate_n", ""),
-        ("lo", "level"),
-        ("hi", "level"),
-        ("recent", "level"),
-    )
 
 
 class _Member(Protocol):
