@@ -441,7 +441,7 @@ class AnomalyLikelihood(_Carried):
         self.since = np.concatenate([self.since, np.full(extra, _FAR, np.int64)])
         self.learn_n = np.concatenate([self.learn_n, np.full(extra, self.learning_steps, np.int64)])
         self.estimate_n = np.concatenate([self.estimate_n, np.full(extra, self.estimation_steps, np.int64)])
-        f = self.lo.shape[1]
+        f = self.f
         self.lo = np.concatenate([self.lo, np.full((extra, f), np.nan)])
         self.hi = np.concatenate([self.hi, np.full((extra, f), np.nan)])
         self.recent = np.concatenate([self.recent, np.full((extra, self.spatial_lag, f), np.nan)])
@@ -481,7 +481,7 @@ class AnomalyLikelihood(_Carried):
 
     def _features(self, f: int) -> None:
         """Size the spatial range for ``f`` features (set by the first step, or by a restored state)."""
-        if self.lo.shape[1] != f:
+        if self.f != f:
             self.f = f
             self.lo = np.full((self.capacity, f), np.nan)
             self.hi = np.full((self.capacity, f), np.nan)
@@ -565,14 +565,18 @@ class AnomalyLikelihood(_Carried):
         if not self.spatial_lag:
             return state
         # the inputs waiting to join the lagged range, then their shape: the state describes itself
-        return [*state, *self.recent[slot].ravel().tolist(), float(self.lo.shape[1]), float(self.spatial_lag)]
+        return [*state, *self.recent[slot].ravel().tolist(), float(self.f), float(self.spatial_lag)]
+
+    def _core(self, f: int) -> int:
+        """Length of an exported state of ``f`` features without its ring: head, window, range, probation."""
+        return 6 + self.window + 2 * f + 3
 
     def _ring_layout(self, state: list[float]) -> tuple[int, int] | None:
         """``(features, ring rows)`` of a state exported with a lagged range, else None."""
         if len(state) < 2 or not all(v >= 1 and v == int(v) for v in state[-2:]):
             return None
         f, rows = int(state[-2]), int(state[-1])
-        return (f, rows) if len(state) == 6 + self.window + 2 * f + 3 + rows * f + 2 else None
+        return (f, rows) if len(state) == self._core(f) + rows * f + 2 else None
 
     def restore(self, slot: int, state: list[float]) -> None:
         """Load what :meth:`export` produced (states from older versions, without the per-slot probation
@@ -584,16 +588,16 @@ class AnomalyLikelihood(_Carried):
         waiting = np.zeros((0, 0))
         if ring is not None:
             f, rows = ring
-            core = 6 + self.window + 2 * f + 3
+            core = self._core(f)
             waiting = np.asarray(state[core:-2], np.float64).reshape(rows, f)
             state = state[:core]
         else:
-            f, odd = divmod(len(state) - 9 - self.window, 2)
+            f, odd = divmod(len(state) - self._core(0), 2)
             if odd:
                 f = 0
-        if self.spatial_tolerance is not None and self.lo.shape[1] == 0 and f > 0:
+        if self.spatial_tolerance is not None and self.f == 0 and f > 0:
             self._features(f)
-        f = self.lo.shape[1]
+        f = self.f
         base = 6 + self.window + 2 * f
         if len(state) not in (base, base + 2, base + 3):
             return
