@@ -302,12 +302,11 @@ class Processor:
         detector.reset(slots[keep], keep_threshold=True)
         carried.difference_update(devices)
         history, count = self.history.get(np.fromiter((self.devices[d].row for d in devices), np.int64, len(devices)))
-        for depth in range(int(count.max(initial=0))):
-            has = count > depth  # devices keep their order; each steps through its history oldest first
-            if (full := has & ~keep).any():
-                detector.step(slots[full], history[full, depth])
-            if (warm := has & keep).any():
-                detector.warm(slots[warm], history[warm, depth])
+        for depth in range(int(count[~keep].max(initial=0))):
+            full = (count > depth) & ~keep  # devices keep their order; each steps through its history oldest first
+            detector.step(slots[full], history[full, depth])
+        if keep.any():
+            detector.warm(slots[keep], history[keep], count[keep])
 
     def _prepare(self, pending: dict[str, list[Step]], res: BatchResult) -> None:
         t = time.perf_counter()

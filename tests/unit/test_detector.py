@@ -10,7 +10,7 @@ import torch
 from models.artifact import Artifact, Normaliser
 from models.detector import Detector, StepOutput
 from models.forecaster import Forecaster, ForecasterConfig
-from models.scoring import AdaptiveThreshold, ScoringConfig, StaticThreshold, Threshold, make_threshold
+from models.scoring import AdaptiveThreshold, ScoringConfig, StaticThreshold, Threshold, make_threshold, update_stats
 
 FEATURES = ("pressure", "temp", "vibration")
 MEAN = np.array([10.0, -5.0, 100.0])
@@ -286,6 +286,48 @@ def test_flagged_step_does_not_change_error_statistics_unless_asked():
             assert det.stats.count[slot] == count + 1
 
 
+def test_a_rewarm_from_history_learns_its_errors_but_not_an_anomaly_among_them():
+    """``warm`` (a re-warm under a carried-over threshold) rebuilds the recurrent state exactly as stepping
+    would and learns the history's errors into the statistics, but not those of an anomalous step: with
+    nothing flagged it screens the errors against their own median and MAD."""
+    x = noisy(np.random.default_rng(3), 48, scale=0.5)
+    spiked = x.copy()
+    spiked[30, 1] += 60 * STD[1]
+    stepped = make_detector(make_artifact(), warmup=10, burnin=5)
+    for t in range(48):
+        step1(stepped, "dev", x[t])
+
+    def rewarmed(history: np.ndarray) -> tuple[Detector, int]:
+        det = make_detector(make_artifact(), warmup=10, burnin=5)
+        slots = det.slots_of(["dev", "other"])
+        det.warm(slots, np.stack([history, np.zeros_like(history)]), np.array([48, 0]))
+        return det, int(slots[0])
+
+    clean, s = rewarmed(x)
+    # the same state and statistics as stepping through the history (nothing flagged there either)
+    for a, b in zip(clean.state, stepped.state, strict=True):
+        torch.testing.assert_close(a[:, s], b[:, stepped.slots["dev"]])
+    np.testing.assert_allclose(clean.forecast[s], stepped.forecast[stepped.slots["dev"]], rtol=1e-6)
+    np.testing.assert_allclose(clean.stats.var[s], stepped.stats.var[stepped.slots["dev"]], rtol=1e-9)
+    assert clean.stats.count[s] == 48 - 1 - 5  # past the burn-in, every clean error
+    assert clean.stats.count[1 - s] == 0  # a slot without history is untouched
+    screened, s = rewarmed(spiked)
+    # the spike's step and the next one (its forecast follows the spike) are not learnt
+    assert screened.stats.count[s] <= 48 - 1 - 5 - 1
+    assert screened.stats.var[s][1] < 2 * clean.stats.var[s][1]
+    # learning them, as before, widened the spiked sensor's statistics many times over
+    naive = make_detector(make_artifact(), warmup=10, burnin=5)
+    naive_slot = naive.slot("dev")
+    with torch.inference_mode():
+        for t in range(48):
+            xz = NORM.apply(spiked[t][None, :])
+            if naive.age[naive_slot] > 5:
+                err = xz - naive.forecast[[naive_slot]]
+                update_stats(naive.stats, np.array([naive_slot]), err, np.array([True]), naive.scoring.alpha)
+            naive._advance(np.array([naive_slot]), xz)
+    assert naive.stats.var[naive_slot][1] > 20 * screened.stats.var[s][1]
+
+
 # -- (e) export / restore ------------------------------------------------------------------------
 
 
@@ -508,3 +550,14 @@ def test_export_many_gathers_each_devices_own_state() -> None:
         assert (e.age, e.err_count) == (int(det.age[s]), int(det.stats.count[s]))
         assert e.err_mean == det.stats.mean[s].tolist() and e.err_var == det.stats.var[s].tolist()
         assert blob == det.export(dev)
+
+
+def test_the_median_of_a_histories_steps_is_numpys_nanmedian() -> None:
+    from models.detector import _median_of_steps
+
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(50, 12, 3))
+    n = rng.integers(1, 13, size=50)
+    e[np.arange(12)[None, :] >= n[:, None]] = np.nan  # each row's finite steps, then NaN
+    rng.permuted(e, axis=1, out=e)  # in any order
+    np.testing.assert_allclose(_median_of_steps(e, n), np.nanmedian(e, axis=1, keepdims=True))
