@@ -69,8 +69,11 @@ class StepOutput:
 
 class _Exported(msgspec.Struct, array_like=True):
     """Serialised state of one device (msgpack); ``version`` ties the recurrent state to a model. The
-    artifact's normaliser comes last (states saved before it was added decode without it): a threshold
-    whose state is the device's converts it from those units when another model restores it."""
+    artifact's normaliser comes after the threshold's state (states saved before it was added decode
+    without it): a threshold whose state is the device's converts it from those units when another model
+    restores it. The threshold's state is written as packed float64 (``threshold_f64``; the likelihood
+    ensemble's ~2,500 floats as a msgpack list cost ~6x more to build and encode), ``threshold`` is the
+    list that states saved before it hold."""
 
     version: str
     state: list[bytes]
@@ -82,6 +85,16 @@ class _Exported(msgspec.Struct, array_like=True):
     threshold: list[float]
     norm_mean: list[float] = msgspec.field(default_factory=list)
     norm_std: list[float] = msgspec.field(default_factory=list)
+    threshold_f64: bytes = b""
+
+    def threshold_state(self) -> list[float] | None:
+        """The threshold's state, whichever way it was saved; None when the packed one is truncated."""
+        if not self.threshold_f64:
+            return self.threshold
+        if len(self.threshold_f64) % 8:
+            return None
+        state: list[float] = np.frombuffer(self.threshold_f64, np.float64).tolist()
+        return state
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -317,6 +330,7 @@ class Detector:
         carried = self.threshold.carries(self.threshold)
         norm_mean = np.asarray(self.artifact.normaliser.mean, np.float64).tolist() if carried else []
         norm_std = np.asarray(self.artifact.normaliser.std, np.float64).tolist() if carried else []
+        thr = self.threshold.export_many(slots)
         return [
             _enc.encode(
                 _Exported(
@@ -327,12 +341,13 @@ class Detector:
                     mean[i],
                     var[i],
                     int(count[i]),
-                    self.threshold.export(int(s)),
+                    [],
                     norm_mean,
                     norm_std,
+                    thr[i].tobytes(),
                 )
             )
-            for i, s in enumerate(slots.tolist())
+            for i in range(len(slots))
         ]
 
     def restore(self, device_id: str, blob: bytes) -> bool:
@@ -347,6 +362,7 @@ class Detector:
         cfg = self.model.config
         rows = [np.frombuffer(b, np.float32) for b in e.state if len(b) % 4 == 0]
         forecast = np.frombuffer(e.forecast, np.float32) if len(e.forecast) % 4 == 0 else np.zeros(0, np.float32)
+        threshold = e.threshold_state()
         fits = (
             e.version == self.version
             and len(rows) == len(self.state)
@@ -354,14 +370,14 @@ class Detector:
             and forecast.size == self.n_features
             and len(e.err_mean) == len(e.err_var) == self.n_features
         )
-        if not fits:
+        if not fits or threshold is None:
             return False
         for t, r in zip(self.state, rows, strict=True):
             t[:, s] = torch.from_numpy(r.reshape(cfg.layers, cfg.hidden).copy()).to(self.device)
         self.forecast[s] = forecast
         self.age[s] = e.age
         self.stats.mean[s], self.stats.var[s], self.stats.count[s] = e.err_mean, e.err_var, e.err_count
-        self.threshold.restore(s, e.threshold)
+        self.threshold.restore(s, threshold)
         return True
 
     def restore_threshold(self, device_id: str, blob: bytes) -> bool:
@@ -373,15 +389,17 @@ class Detector:
             e = _dec.decode(blob)
         except (msgspec.DecodeError, ValueError):
             return False
+        threshold = e.threshold_state()
         if (
-            e.version == self.version
+            threshold is None
+            or e.version == self.version
             or len(e.norm_mean) != self.n_features
             or len(e.norm_std) != self.n_features
             or not self.threshold.carries(self.threshold)
         ):
             return False
         s = np.array([self.slot(device_id)])
-        self.threshold.restore(int(s[0]), e.threshold)
+        self.threshold.restore(int(s[0]), threshold)
         new = self.artifact.normaliser
         old_mean, old_std = np.asarray(e.norm_mean), np.asarray(e.norm_std)
         self.threshold.transfer(self.threshold, s, s, Units(old_std / new.std, (old_mean - new.mean) / new.std))

@@ -123,7 +123,40 @@ class Units:
         return v
 
 
-class _Carried:
+def _width(parts: list[np.ndarray]) -> int:
+    """Floats per slot in export ``parts`` (each ``(B,)`` or ``(B, ...)``)."""
+    return sum(math.prod(p.shape[1:]) for p in parts)
+
+
+def _framed(n: int, *groups: list[np.ndarray]) -> list[np.ndarray]:
+    """Export parts of ``groups`` for ``n`` slots, each group preceded by its width (a column)."""
+    return [x for g in groups for x in (np.full(n, _width(g)), *g)]
+
+
+class _Exports:
+    """A per-slot state exported for many slots at once: :meth:`export_parts` gives its per-slot arrays in
+    order, :meth:`export_many` one float64 row per slot (the same layout for every slot, written in one
+    pass), :meth:`export` one slot's row as the list :meth:`restore` reads."""
+
+    def export_parts(self, slots: np.ndarray) -> list[np.ndarray]:
+        return []
+
+    def export_many(self, slots: np.ndarray) -> np.ndarray:
+        parts = self.export_parts(slots)
+        out = np.empty((len(slots), _width(parts)))
+        o = 0
+        for p in parts:
+            k = math.prod(p.shape[1:])
+            out[:, o : o + k] = p.reshape(len(slots), k)
+            o += k
+        return out
+
+    def export(self, slot: int) -> list[float]:
+        row: list[float] = self.export_many(np.array([slot], np.int64))[0].tolist()
+        return row
+
+
+class _Carried(_Exports):
     """Per-slot state that a model swap hands to the next detector (:meth:`transfer`) or keeps in place
     (:meth:`rescale`). ``ARRAYS`` names each per-slot array with its :meth:`Units.convert` kind: ``""`` for
     one without a feature axis, ``"free"`` for a unitless one with it."""
@@ -150,8 +183,9 @@ class _Carried:
                 units.convert(kind, getattr(self, name))
 
 
-class Threshold(abc.ABC):
-    """Decides which scores are anomalous; may keep per-device state indexed by slot."""
+class Threshold(_Exports, abc.ABC):
+    """Decides which scores are anomalous; may keep per-device state indexed by slot (exported per slot by
+    :meth:`export_many`, none by default)."""
 
     name: str
 
@@ -180,16 +214,13 @@ class Threshold(abc.ABC):
         """The ``context`` :meth:`transform` wants for steps stamped ``ts_ms`` (epoch ms); None: none."""
         return None
 
-    def grow(self, capacity: int) -> None:  # noqa: B027 - stateless thresholds need nothing
+    def grow(self, capacity: int) -> None:
         """Make room for ``capacity`` slots."""
 
-    def reset(self, slots: np.ndarray) -> None:  # noqa: B027
+    def reset(self, slots: np.ndarray) -> None:
         """Forget what was learnt for ``slots``."""
 
-    def export(self, slot: int) -> list[float]:
-        return []
-
-    def restore(self, slot: int, state: list[float]) -> None:  # noqa: B027
+    def restore(self, slot: int, state: list[float]) -> None:
         """Load what :meth:`export` produced."""
 
     def carries(self, src: Threshold) -> bool:
@@ -256,8 +287,8 @@ class AdaptiveThreshold(Threshold):
         step = self.rate * self.scale[s]
         self.q[s] += step * np.where(x > self.q[s], self.quantile, self.quantile - 1.0)
 
-    def export(self, slot: int) -> list[float]:
-        return [float(self.q[slot]), float(self.scale[slot])]
+    def export_parts(self, slots: np.ndarray) -> list[np.ndarray]:
+        return [self.q[slots], self.scale[slots]]
 
     def restore(self, slot: int, state: list[float]) -> None:
         if len(state) == 2:
@@ -557,15 +588,15 @@ class AnomalyLikelihood(_Carried):
         self.var[s] = (1.0 - w) * (self.var[s] + w * delta**2)
         self.count[s] += 1
 
-    def export(self, slot: int) -> list[float]:
-        head = [float(self.n[slot]), float(self.count[slot]), float(self.mean[slot]), float(self.var[slot])]
-        head += [float(self.prev_red[slot]), float(self.avg[slot])]
-        probation = [float(self.learn_n[slot]), float(self.estimate_n[slot]), float(self.since[slot])]
-        state = head + self.buf[slot].tolist() + self.lo[slot].tolist() + self.hi[slot].tolist() + probation
+    def export_parts(self, slots: np.ndarray) -> list[np.ndarray]:
+        s = slots
+        head = [self.n[s], self.count[s], self.mean[s], self.var[s], self.prev_red[s], self.avg[s]]
+        probation = [self.learn_n[s], self.estimate_n[s], self.since[s]]
+        state = [*head, self.buf[s], self.lo[s], self.hi[s], *probation]
         if not self.spatial_lag:
             return state
         # the inputs waiting to join the lagged range, then their shape: the state describes itself
-        return [*state, *self.recent[slot].ravel().tolist(), float(self.f), float(self.spatial_lag)]
+        return [*state, self.recent[s], np.full(len(s), self.f), np.full(len(s), self.spatial_lag)]
 
     def _core(self, f: int) -> int:
         """Length of an exported state of ``f`` features without its ring: head, window, range, probation."""
@@ -769,11 +800,11 @@ class LikelihoodThreshold(Threshold):
             if member is not None:
                 member.rescale(units)
 
-    def export(self, slot: int) -> list[float]:
-        state = self._export_members(slot)
+    def export_parts(self, slots: np.ndarray) -> list[np.ndarray]:
+        state = self._export_members(slots)
         if self.recurrence is None:
             return state
-        return [float(len(state)), *state, *self.recurrence.export(slot)]
+        return [*_framed(len(slots), state), *self.recurrence.export_parts(slots)]
 
     def restore(self, slot: int, state: list[float]) -> None:
         if self.recurrence is not None:
@@ -784,22 +815,22 @@ class LikelihoodThreshold(Threshold):
             # else: a state saved without the recurrence member, whose memory of events starts afresh
         self._restore_members(slot, state)
 
-    def _export_members(self, slot: int) -> list[float]:
+    def _export_members(self, slots: np.ndarray) -> list[np.ndarray]:
+        n, own = len(slots), self.likelihood.export_parts(slots)
+
+        def part(m: _Exports | None) -> list[np.ndarray]:
+            return [] if m is None else m.export_parts(slots)
+
         if self.spread_likelihood is not None:  # [n, own.., n, ref.., n, seasonal.., n, spread.., spread lik..]
-            parts = [self.likelihood.export(slot)]
-            parts += [m.export(slot) if m is not None else [] for m in (self.reference, self.seasonal, self.spread)]
-            return [v for p in parts for v in (float(len(p)), *p)] + self.spread_likelihood.export(slot)
+            members = (part(self.reference), part(self.seasonal), part(self.spread))
+            return [*_framed(n, own, *members), *self.spread_likelihood.export_parts(slots)]
         if self.spread is not None:  # every part with its length: [n, own.., n, ref.., n, seasonal.., spread..]
-            parts = [self.likelihood.export(slot)]
-            parts += [m.export(slot) if m is not None else [] for m in (self.reference, self.seasonal)]
-            return [v for p in parts for v in (float(len(p)), *p)] + self.spread.export(slot)
+            return [*_framed(n, own, part(self.reference), part(self.seasonal)), *part(self.spread)]
         if self.reference is None and self.seasonal is None:
-            return self.likelihood.export(slot)
-        own = self.likelihood.export(slot)
-        ref = self.reference.export(slot) if self.reference is not None else []
-        if self.seasonal is None:
-            return [float(len(own)), *own, *ref]
-        return [float(len(own)), *own, float(len(ref)), *ref, *self.seasonal.export(slot)]
+            return own
+        if self.seasonal is None:  # [n, own.., ref..]
+            return [*_framed(n, own), *part(self.reference)]
+        return [*_framed(n, own, part(self.reference)), *part(self.seasonal)]  # [n, own.., n, ref.., seasonal..]
 
     def _restore_members(self, slot: int, state: list[float]) -> None:
         if self.spread_likelihood is not None and self.spread is not None:
@@ -946,8 +977,8 @@ class _SlotRows(_Carried):
     def ready(self, slots: np.ndarray) -> np.ndarray:
         return self.n[slots] >= self.calibration_steps
 
-    def export(self, slot: int) -> list[float]:
-        return [float(self.n[slot]), *np.concatenate([getattr(self, n)[slot] for n in self.ROWS]).tolist()]
+    def export_parts(self, slots: np.ndarray) -> list[np.ndarray]:
+        return [self.n[slots], *(getattr(self, name)[slots] for name in self.ROWS)]
 
     def restore(self, slot: int, state: list[float]) -> None:
         rows = len(self.ROWS)
@@ -1235,11 +1266,11 @@ class SeasonalDeviation(_Carried):
         self.count[s, b] += 1
         self.bin[s] = -1  # learnt once
 
-    def export(self, slot: int) -> list[float]:
-        head = [float(self.n[slot]), float(self.nres[slot]), float(self.prev_bin[slot]), float(self.bin[slot])]
-        rows = [self.ema[slot], self.var[slot], self.res[slot], self.profile[slot].ravel(), self.bin_var[slot].ravel()]
-        ints = [self.count[slot], self.visits[slot], self.bin_nres[slot]]
-        return head + np.concatenate([*rows, *ints]).astype(np.float64).tolist()
+    def export_parts(self, slots: np.ndarray) -> list[np.ndarray]:
+        s = slots
+        head = [self.n[s], self.nres[s], self.prev_bin[s], self.bin[s]]
+        rows = [self.ema[s], self.var[s], self.res[s], self.profile[s], self.bin_var[s]]
+        return [*head, *rows, self.count[s], self.visits[s], self.bin_nres[s]]
 
     def restore(self, slot: int, state: list[float]) -> None:
         f, b = self.f, self.bins
@@ -1261,7 +1292,7 @@ class SeasonalDeviation(_Carried):
         self.bin_nres[slot] = v[o + 2 * b :].astype(np.int64)
 
 
-class WeeklySeasonalDeviation:
+class WeeklySeasonalDeviation(_Exports):
     """Two :class:`SeasonalDeviation` profiles, the finer one where it has enough history: the context bin
     is the hour of the *week* (``0..7 x per_day - 1``); the weekly profile (``7 x per_day`` bins) scores
     a step once its bin has been entered ``min_visits`` times (that many weeks), the daily one (bin modulo
@@ -1296,9 +1327,8 @@ class WeeklySeasonalDeviation:
         self.weekly.update(slots, learn)
         self.daily.update(slots, learn)
 
-    def export(self, slot: int) -> list[float]:
-        w = self.weekly.export(slot)
-        return [float(len(w)), *w, *self.daily.export(slot)]
+    def export_parts(self, slots: np.ndarray) -> list[np.ndarray]:
+        return [*_framed(len(slots), self.weekly.export_parts(slots)), *self.daily.export_parts(slots)]
 
     def transfer(self, src: WeeklySeasonalDeviation, s: np.ndarray, d: np.ndarray, units: Units) -> None:
         self.weekly.transfer(src.weekly, s, d, units)
@@ -1447,9 +1477,9 @@ class DailyRecurrence(_Carried):
         r = np.asarray(rows, bool) & self.stepped
         return r, slots[r]
 
-    def export(self, slot: int) -> list[float]:
-        state = [float(self.clock[slot]), float(self.prev[slot]), *self.ring[slot].astype(np.float64).tolist()]
-        return state + self.peak[slot].tolist() if self.escalation else state
+    def export_parts(self, slots: np.ndarray) -> list[np.ndarray]:
+        s = slots
+        return [self.clock[s], self.prev[s], self.ring[s], *((self.peak[s],) if self.escalation else ())]
 
     def restore(self, slot: int, state: list[float]) -> None:
         """Load what :meth:`export` produced; a state saved without the report peaks restores with none (and
@@ -1623,12 +1653,13 @@ class CalibratedThreshold(Threshold):
         else:
             self.reference.update(slots, learn)
 
-    def export(self, slot: int) -> list[float]:
-        head = [float(self.n[slot]), float(self.value[slot])]
+    def export_parts(self, slots: np.ndarray) -> list[np.ndarray]:
+        s = slots
+        head = [self.n[s], self.value[s]]
         if self.per_member:
-            head += [float(self.c), *self.col[slot].tolist(), *self.slow[slot].astype(np.float64).tolist()]
-        tail = self.reference.export(slot) if self.reference is not None else []
-        return head + self.buf[slot].astype(np.float64).ravel().tolist() + tail
+            head += [np.full(len(s), self.c), self.col[s], self.slow[s]]
+        tail = self.reference.export_parts(s) if self.reference is not None else []
+        return [*head, self.buf[s], *tail]
 
     def restore(self, slot: int, state: list[float]) -> None:
         if self.per_member:

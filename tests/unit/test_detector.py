@@ -377,6 +377,40 @@ def test_a_restarted_worker_restores_the_whole_ensemble_before_its_first_step():
     assert a.export("dev") == b.export("dev")
 
 
+def test_the_ensembles_state_is_exported_for_many_devices_at_once_and_old_checkpoints_restore():
+    """``export_many`` gathers every device's threshold state in one pass (each row that device's own, as
+    its single export has it) and packs it as float64; a checkpoint written before that, with the state
+    as a msgpack list, restores to the same state."""
+    import msgspec
+
+    from models.detector import _dec, _Exported
+
+    art = make_artifact(seed=9)
+    a = make_detector(art, warmup=5, threshold=make_threshold("ensemble", value=0.5, quantile=0.99, margin=1.5))
+    rng = np.random.default_rng(4)
+    devices = ["d0", "d1", "d2"]
+    for t in range(200):
+        for k, dev in enumerate(devices):
+            if t % (k + 1) == 0:  # each device at its own pace: different states
+                step1(a, dev, noisy(rng, 1, scale=0.5 + k)[0])
+    rows = a.threshold.export_many(a.slots_of(devices))
+    singles = [a.threshold.export(a.slots[d]) for d in devices]
+    for r, single in zip(rows, singles, strict=True):
+        np.testing.assert_array_equal(r, np.array(single))
+    assert not np.array_equal(rows[0], rows[1], equal_nan=True)
+    blobs = a.export_many(devices)
+    for blob, single in zip(blobs, singles, strict=True):
+        e = _dec.decode(blob)
+        assert e.threshold == [] and len(e.threshold_f64) == 8 * len(single)
+        old = msgspec.msgpack.encode(msgspec.structs.replace(e, threshold=single, threshold_f64=b""))
+        b = make_detector(art, warmup=5, threshold=make_threshold("ensemble", value=0.5, quantile=0.99, margin=1.5))
+        assert b.restore("d0", old) is True
+        np.testing.assert_array_equal(np.array(b.threshold.export(b.slots["d0"])), np.array(single))
+        truncated = msgspec.msgpack.encode(msgspec.structs.replace(e, threshold_f64=e.threshold_f64[:-3]))
+        assert b.restore("d0", truncated) is False
+    assert isinstance(_dec.decode(blobs[0]), _Exported)
+
+
 def test_restore_refuses_a_blob_from_another_model_version():
     art = make_artifact(seed=9)
     a = make_detector(art)
