@@ -1436,12 +1436,16 @@ class DailyRecurrence(_Carried):
         s, bs = slots[rows], b[rows]
         prev = self.prev[s]
         elapsed = np.where(prev >= 0, (bs - prev) % self.cycle, 0)
-        # the hours passed since the previous step held no event (their flags are from a ring ago)
-        ahead = np.arange(1, self.hours + 1)
-        passed = (self.clock[s][:, None] + ahead) % self.hours
-        kept = ahead[None, :] > elapsed[:, None]
-        self.ring[s[:, None], passed] &= kept
-        self.peak[s[:, None], passed] *= kept
+        # the hours passed since the previous step held no event (their flags are from a ring ago); only
+        # the rows whose hour changed have any (most steps of a fleet stay within their hour)
+        moved = elapsed > 0
+        if moved.any():
+            sm, em = s[moved], elapsed[moved]
+            ahead = np.arange(1, min(int(em.max()), self.hours) + 1)
+            passed = (self.clock[sm][:, None] + ahead) % self.hours
+            kept = ahead[None, :] > em[:, None]
+            self.ring[sm[:, None], passed] &= kept
+            self.peak[sm[:, None], passed] *= kept
         self.stepped = rows
         clock = self.clock[s] + elapsed
         self.clock[s], self.prev[s] = clock, bs
