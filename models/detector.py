@@ -202,7 +202,7 @@ class Detector:
         if src.artifact.features != self.artifact.features or not self.threshold.carries(src.threshold):
             return None
         old, new = src.artifact.normaliser, self.artifact.normaliser
-        return Units(np.asarray(old.std / new.std, np.float64), np.asarray((old.mean - new.mean) / new.std))
+        return Units.between(old.mean, old.std, new.mean, new.std)
 
     def take_over(self, src: Detector) -> bool:
         """Replace ``src`` (the detector that served until now; not to be used afterwards): keep its devices'
@@ -401,6 +401,5 @@ class Detector:
         s = np.array([self.slot(device_id)])
         self.threshold.restore(int(s[0]), threshold)
         new = self.artifact.normaliser
-        old_mean, old_std = np.asarray(e.norm_mean), np.asarray(e.norm_std)
-        self.threshold.transfer(self.threshold, s, s, Units(old_std / new.std, (old_mean - new.mean) / new.std))
+        self.threshold.transfer(self.threshold, s, s, Units.between(e.norm_mean, e.norm_std, new.mean, new.std))
         return True

@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 EPS = 1e-6
 
@@ -106,6 +107,12 @@ class Units:
 
     scale: np.ndarray  # (F,)
     shift: np.ndarray  # (F,)
+
+    @classmethod
+    def between(cls, old_mean: ArrayLike, old_std: ArrayLike, new_mean: np.ndarray, new_std: np.ndarray) -> Units:
+        """From inputs normalised by ``(old_mean, old_std)`` to inputs normalised by ``(new_mean, new_std)``."""
+        old_mean, old_std = np.asarray(old_mean, np.float64), np.asarray(old_std, np.float64)
+        return cls(old_std / new_std, (old_mean - new_mean) / new_std)
 
     def convert(self, kind: str, v: np.ndarray) -> np.ndarray:
         """``v`` ``(..., F)`` converted in place by its ``kind``: ``level`` (a value, smoothed or not),
