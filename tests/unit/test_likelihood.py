@@ -1,4 +1,4 @@
-"""The anomaly likelihood, the reference deviation and the calibrated threshold (models/scoring.py):
+"""The anomaly likelihood, the reference deviation and the calibrated threshold (models/scoring/):
 causal, per slot, batching-invisible, probation, suppression, not learning flagged steps, export/restore,
 and wired into the Detector."""
 
