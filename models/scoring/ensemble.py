@@ -199,16 +199,24 @@ class LikelihoodThreshold(Threshold):
             return [*_framed(n, own), *part(self.reference)]
         return [*_framed(n, own, part(self.reference)), *part(self.seasonal)]  # [n, own.., n, ref.., seasonal..]
 
+    def _restore_framed(self, slot: int, state: list[float]) -> list[float] | None:
+        """Restore the framed likelihood, reference and seasonal parts of ``state`` (each preceded by its
+        width, see :meth:`_export_members`); the rest of the state, or None where it is truncated."""
+        rest = list(state)
+        for part in (self.likelihood, self.reference, self.seasonal):
+            if not rest or len(rest) < 1 + int(rest[0]):
+                return None
+            k = int(rest[0])
+            if part is not None:
+                part.restore(slot, rest[1 : 1 + k])
+            rest = rest[1 + k :]
+        return rest
+
     def _restore_members(self, slot: int, state: list[float]) -> None:
         if self.spread_likelihood is not None and self.spread is not None:
-            rest = list(state)
-            for part in (self.likelihood, self.reference, self.seasonal):
-                if not rest or len(rest) < 1 + int(rest[0]):
-                    return
-                k = int(rest[0])
-                if part is not None:
-                    part.restore(slot, rest[1 : 1 + k])
-                rest = rest[1 + k :]
+            rest = self._restore_framed(slot, state)
+            if rest is None:
+                return
             k = int(rest[0]) if rest else 0
             lik_len = 9 + self.spread_likelihood.window + 2 * self.spread_likelihood.lo.shape[1]  # (no spatial: 0)
             if k > 1 and (k - 1) % len(SpreadDeviation.ROWS) == 0 and len(rest) == 1 + k + lik_len:
@@ -218,15 +226,9 @@ class LikelihoodThreshold(Threshold):
                 self.spread.restore(slot, rest)
             return
         if self.spread is not None:
-            rest = list(state)
-            for member in (self.likelihood, self.reference, self.seasonal):
-                if not rest or len(rest) < 1 + int(rest[0]):
-                    return
-                k = int(rest[0])
-                if member is not None:
-                    member.restore(slot, rest[1 : 1 + k])
-                rest = rest[1 + k :]
-            self.spread.restore(slot, rest)
+            rest = self._restore_framed(slot, state)
+            if rest is not None:
+                self.spread.restore(slot, rest)
             return
         if self.reference is None and self.seasonal is None:
             self.likelihood.restore(slot, state)
