@@ -314,10 +314,11 @@ class EnsembleConfig:
     escalation: bool = True
 
 
-def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThreshold:
-    smoothed = int(cfg.reference_span) if cfg.reference or cfg.seasonal else 0  # (the forecast error is not)
-    suppress_steps = cfg.window + smoothed if cfg.suppress_steps is None else cfg.suppress_steps
-    lik = AnomalyLikelihood(
+def _likelihood(
+    cfg: EnsembleConfig, suppress_steps: int, spatial_tolerance: float | None = None, spatial_lag: int = 0
+) -> AnomalyLikelihood:
+    """One of the ensemble's likelihoods: ``cfg``'s parameters with its own suppression span and spatial check."""
+    return AnomalyLikelihood(
         window=cfg.window,
         estimation_steps=cfg.estimation_steps,
         history_steps=cfg.history_steps,
@@ -325,11 +326,18 @@ def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThre
         cap=cfg.cap,
         suppress=cfg.suppress,
         suppress_steps=suppress_steps,
-        spatial_tolerance=cfg.spatial_tolerance,
+        spatial_tolerance=spatial_tolerance,
         learn_red=cfg.learn_red,
         scale=cfg.scale,
-        spatial_lag=suppress_steps if cfg.spatial_lag is None else cfg.spatial_lag,
+        spatial_lag=spatial_lag,
     )
+
+
+def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThreshold:
+    smoothed = int(cfg.reference_span) if cfg.reference or cfg.seasonal else 0  # (the forecast error is not)
+    suppress_steps = cfg.window + smoothed if cfg.suppress_steps is None else cfg.suppress_steps
+    lag = suppress_steps if cfg.spatial_lag is None else cfg.spatial_lag
+    lik = _likelihood(cfg, suppress_steps, cfg.spatial_tolerance, lag)
     ref = (
         ReferenceDeviation(
             span=cfg.reference_span,
@@ -349,18 +357,8 @@ def ensemble_threshold(cfg: EnsembleConfig = EnsembleConfig()) -> LikelihoodThre
     spread = SpreadDeviation(span=cfg.spread_span, skip_steps=30, reference_steps=100) if cfg.spread else None
     spread_lik = None
     if spread is not None and cfg.spread_likelihood:
-        spread_lik = AnomalyLikelihood(
-            window=cfg.window,
-            estimation_steps=cfg.estimation_steps,
-            history_steps=cfg.history_steps,
-            min_std=cfg.min_std,
-            cap=cfg.cap,
-            suppress=cfg.suppress,
-            suppress_steps=cfg.window + cfg.spread_span if cfg.suppress_steps is None else cfg.suppress_steps,
-            spatial_tolerance=None,
-            learn_red=cfg.learn_red,
-            scale=cfg.scale,
-        )
+        spread_suppress = cfg.window + cfg.spread_span if cfg.suppress_steps is None else cfg.suppress_steps
+        spread_lik = _likelihood(cfg, spread_suppress)  # no spatial check: its input is the spread, not a value
     recurrence = None
     if cfg.seasonal and cfg.daily_recurrence:
         recurrence = DailyRecurrence(
