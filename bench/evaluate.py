@@ -135,6 +135,16 @@ def stream(
     return Streamed(score, thr, flag, fc, time.perf_counter() - started, int(lengths.max()))
 
 
+def _model_summary(artifact: Artifact, metrics: dict[str, float], model: ModelConfig) -> dict[str, Any]:
+    return {
+        "version": artifact.version,
+        "cell": model.cell,
+        "seed": model.seed,
+        "val_mse": metrics["val_mse"],
+        "persistence_val_mse": metrics["persistence_val_mse"],
+    }
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -279,11 +289,7 @@ def run_nab(
         "stream": round(streamed.seconds, 1),
         "total": round(time.perf_counter() - started, 1),
     }
-    summary["model"] = {
-        "version": artifact.version,
-        "val_mse": metrics["val_mse"],
-        "persistence_val_mse": metrics["persistence_val_mse"],
-    }
+    summary["model"] = _model_summary(artifact, metrics, cfg.model)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         per_file = {name: {f: asdict(fs) for f, fs in r.files.items()} for name, r in results.items()}
@@ -464,11 +470,7 @@ def run_skab(
             "stream": round(streamed.seconds, 1),
             "total": round(time.perf_counter() - started, 1),
         },
-        "model": {
-            "version": artifact.version,
-            "val_mse": metrics["val_mse"],
-            "persistence_val_mse": metrics["persistence_val_mse"],
-        },
+        "model": _model_summary(artifact, metrics, cfg.model),
     }
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -528,6 +530,62 @@ NAB_PUBLISHED = {  # standard / low-FP / low-FN on the same 53 files, as quoted 
     "windowed Gaussian": (43.7, 24.6, 52.0),
 }
 NAB_PROFILE_NAMES = ("standard", "reward_low_FP_rate", "reward_low_FN_rate")
+# The headline figures of each benchmark, as summarised over training seeds by :func:`seed_spread`.
+SEED_FIGURES = {"nab": NAB_PROFILE_NAMES, "skab": ("f1", "far", "mar", "nab_standard")}
+CELLS = ("lstm", "gru")
+
+
+def seed_spread(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Headline figures of runs that differ only in the forecaster's training seed (the harness's one
+    random choice): per figure, and for the forecaster's validation MSE, the values in run order, their
+    median, min and max."""
+    spread: dict[str, Any] = {"seeds": [s["model"]["seed"] for s in summaries]}
+    columns = {key: [s[key] for s in summaries] for key in SEED_FIGURES[summaries[0]["dataset"]]}
+    columns["val_mse"] = [s["model"]["val_mse"] for s in summaries]
+    for key, values in columns.items():
+        spread[key] = {"values": values, "median": float(np.median(values)), "min": min(values), "max": max(values)}
+    return spread
+
+
+def evaluate_streaming(
+    dataset: str,
+    data: Path,
+    *,
+    cell: str = "lstm",
+    seeds: int = 1,
+    out: Path,
+    export: Path | None = None,
+    plots: bool = True,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """:func:`run_nab` or :func:`run_skab` with the forecaster ``cell``, trained with seed 0. With ``seeds``
+    > 1 the whole run is repeated with seeds 1, 2, ... (their models under ``out/seed-<k>``, no plots or
+    exports) and the summary of seed 0 gains ``seed_spread``: how much of a figure is the seed's."""
+    if dataset not in SEED_FIGURES:
+        raise ValueError(f"dataset must be nab or skab, not {dataset!r}")
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {CELLS}, not {cell!r}")
+    summaries = []
+    for seed in range(max(1, seeds)):
+        model = ModelConfig(cell=cell, seed=seed)
+        first = seed == 0
+        run_out = out if first else out / f"seed-{seed}"
+        kwargs: dict[str, Any] = {
+            "out": run_out,
+            "export": export if first else None,
+            "plots": plots and first,
+            "log": log if first else lambda _: None,
+        }
+        if dataset == "nab":
+            summary = run_nab(data, NabConfig(model=model), **kwargs)
+        else:
+            summary = run_skab(data, SkabConfig(model=model), **kwargs)
+        if not first:
+            log(f"seed {seed}: " + ", ".join(f"{k} {summary[k]}" for k in SEED_FIGURES[dataset]))
+        summaries.append(summary)
+    if len(summaries) > 1:
+        summaries[0]["seed_spread"] = seed_spread(summaries)
+    return summaries[0]
 
 
 def summary_table(summary: dict[str, Any]) -> Any:
@@ -537,6 +595,16 @@ def summary_table(summary: dict[str, Any]) -> Any:
     def fmt(v: Any) -> str:
         return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
+    spread = summary.get("seed_spread")
+
+    def seed_rows(table: Any, spread: dict[str, Any], keys: Sequence[str], pad: int = 0) -> None:
+        seeds = f"{spread['seeds'][0]}-{spread['seeds'][-1]}"
+        table.add_row(
+            f"[dim]seeds {seeds}: median[/]", *(f"[dim]{fmt(spread[k]['median'])}[/]" for k in keys), *[""] * pad
+        )
+        half = ((spread[k]["max"] - spread[k]["min"]) / 2 for k in keys)
+        table.add_row("[dim]  half-range[/]", *(f"[dim]±{h:.2g}[/]" for h in half), *[""] * pad)
+
     if summary["dataset"] == "nab":
         table = Table(title=f"NAB, {summary['series']} series (normalised scores, one threshold per profile)")
         table.add_column("")
@@ -545,6 +613,8 @@ def summary_table(summary: dict[str, Any]) -> Any:
         for cat, scores in summary["categories"].items():
             table.add_row(cat, *[fmt(scores.get(n)) for n in NAB_PROFILE_NAMES])
         table.add_row("[bold]all (iotad)[/]", *[f"[bold]{fmt(summary.get(n))}[/]" for n in NAB_PROFILE_NAMES])
+        if spread:
+            seed_rows(table, spread, NAB_PROFILE_NAMES)
         table.add_row("threshold", *[f"{summary['thresholds'][n]:.5f}" for n in NAB_PROFILE_NAMES])
         table.add_row(
             "windows tp/fn, fp",
@@ -566,6 +636,8 @@ def summary_table(summary: dict[str, Any]) -> Any:
         "[bold]iotad[/]",
         *[fmt(summary[k]) for k in ("f1", "far", "mar", "nab_standard", "nab_low_fp", "nab_low_fn")],
     )
+    if spread:
+        seed_rows(table, spread, SEED_FIGURES["skab"], pad=2)
     if "alarms" in summary:
         a = summary["alarms"]
         table.caption += f"; alarm levels x the calibrated threshold: outliers {a['outlier']}, CP {a['changepoint']}"
@@ -576,4 +648,14 @@ def summary_table(summary: dict[str, Any]) -> Any:
     return table
 
 
-__all__ = ["ModelConfig", "NabConfig", "SkabConfig", "run_nab", "run_skab", "stream", "summary_table"]
+__all__ = [
+    "ModelConfig",
+    "NabConfig",
+    "SkabConfig",
+    "evaluate_streaming",
+    "run_nab",
+    "run_skab",
+    "seed_spread",
+    "stream",
+    "summary_table",
+]

@@ -308,10 +308,19 @@ def evaluate(
             "BiLSTM autoencoder scorer)"
         ),
     ] = "streaming",
+    cell: Annotated[str, typer.Option(help="The streaming scorer's forecaster: lstm or gru")] = "lstm",
+    seeds: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Repeat the streaming run with forecaster seeds 0..N-1 and report each figure's median and "
+            "range (seed_spread); the headline figures stay seed 0's",
+        ),
+    ] = 1,
 ) -> None:
     """Score the detector on a public labelled benchmark (NAB or SKAB) through the streaming scoring code,
     or SKAB with the windowed autoencoder (--scorer bilstm-ae)."""
-    from bench.evaluate import DEFAULT_NAB, DEFAULT_SKAB, run_nab, run_skab, summary_table
+    from bench.evaluate import CELLS, DEFAULT_NAB, DEFAULT_SKAB, evaluate_streaming, summary_table
 
     name = dataset.lower()
     if name not in ("nab", "skab"):
@@ -324,15 +333,26 @@ def evaluate(
         raise typer.BadParameter("--export-skab-results is for skab")
     if name == "skab" and export_nab_results is not None:
         raise typer.BadParameter("--export-nab-results is for nab")
+    if cell not in CELLS:
+        raise typer.BadParameter(f"--cell must be one of {', '.join(CELLS)}")
+    if scorer == "bilstm-ae" and (cell != "lstm" or seeds != 1):
+        raise typer.BadParameter("--cell and --seeds are options of the streaming scorer")
     log = console.print
-    if name == "nab":
-        summary = run_nab(data or DEFAULT_NAB, out=out, export=export_nab_results, plots=plots, log=log)
-    elif scorer == "bilstm-ae":
+    if scorer == "bilstm-ae":
         from bench.evaluate_windowed import run_skab_windowed
 
         summary = run_skab_windowed(data or DEFAULT_SKAB, out=out, export=export_skab_results, plots=plots, log=log)
     else:
-        summary = run_skab(data or DEFAULT_SKAB, out=out, export=export_skab_results, plots=plots, log=log)
+        summary = evaluate_streaming(
+            name,
+            data or (DEFAULT_NAB if name == "nab" else DEFAULT_SKAB),
+            cell=cell,
+            seeds=seeds,
+            out=out,
+            export=export_nab_results if name == "nab" else export_skab_results,
+            plots=plots,
+            log=log,
+        )
     console.print(summary_table(summary))
     if as_json:
         print(json.dumps(summary), flush=True)

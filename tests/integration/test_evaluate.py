@@ -145,3 +145,41 @@ def test_evaluate_skab_cli_on_two_files(tmp_path):
 def test_evaluate_rejects_an_unknown_dataset():
     result = CliRunner().invoke(app, ["evaluate", "ucr"])
     assert result.exit_code != 0
+
+
+def test_evaluate_repeats_the_run_over_training_seeds(tmp_path):
+    data = _skab_subset(tmp_path / "skab")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["evaluate", "skab", "--data", str(data), "--json", "--out", str(out), "--cell", "gru", "--seeds", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = _last_json(result.stdout)
+    assert summary["model"]["cell"] == "gru" and summary["model"]["seed"] == 0
+    spread = summary["seed_spread"]
+    assert spread["seeds"] == [0, 1]
+    for key in ("f1", "far", "mar", "nab_standard", "val_mse"):
+        values = spread[key]["values"]
+        assert len(values) == 2 and spread[key]["min"] <= spread[key]["median"] <= spread[key]["max"]
+    assert spread["f1"]["values"][0] == summary["f1"]  # the headline is seed 0's run
+    assert spread["val_mse"]["values"][0] == summary["model"]["val_mse"]
+    # seed 1 is a run of its own (another model), the same as running it directly, and leaves no plots
+    assert spread["val_mse"]["values"][0] != spread["val_mse"]["values"][1]
+    again = ev.run_skab(data, ev.SkabConfig(model=ev.ModelConfig(cell="gru", seed=1)), plots=False)
+    assert [again["f1"], again["model"]["val_mse"]] == [spread["f1"]["values"][1], spread["val_mse"]["values"][1]]
+    assert len(list((out / "skab").glob("*.png"))) == 2 and (out / "seed-1" / "skab.json").is_file()
+    assert "seeds 0-1: median" in result.output  # the table (on stderr)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--cell", "rnn"],
+        ["--seeds", "0"],
+        ["--scorer", "bilstm-ae", "--seeds", "2"],
+        ["--scorer", "bilstm-ae", "--cell", "gru"],
+    ],
+)
+def test_evaluate_rejects_bad_seed_and_cell_options(args):
+    result = CliRunner().invoke(app, ["evaluate", "skab", *args])
+    assert result.exit_code == 2, result.output
