@@ -2,9 +2,10 @@
 
 Per micro-batch (``stream.take_events``): process (pure) -> dead letters to ``<prefix>.dlq`` ->
 points to InfluxDB (retried until written: this blocks consumption, which is the backpressure) ->
-scores to ``<prefix>.scores`` -> checkpoints of the touched devices to the state table. Faust acks
-the batch's events only when the loop comes back for the next batch, and flushes the producer
-(changelog included) before committing offsets, so nothing is committed before it is written.
+scores to ``<prefix>.scores``. The devices it advanced are checkpointed to the state table once per
+``checkpoint_interval_s`` (``pipeline.cadence``), all together; the batch's messages stay unacknowledged
+until then, and Faust flushes the producer (changelog included) before committing the acknowledged
+offsets, so nothing is committed before the state it advanced is written.
 
 Model updates arrive on ``<prefix>.control`` (every worker follows it). A new artifact is loaded and
 verified off the hot path; the swap itself happens between two micro-batches, so no batch is scored
@@ -25,7 +26,7 @@ import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 from faust.transport.drivers.aiokafka import Producer as FaustKafkaProducer
-from faust.types import TP, EventT, StreamT
+from faust.types import TP, EventT, Message, StreamT
 
 from connectors.influx import InfluxRejectedError
 from connectors.kafka_batches import Record, send_batches
@@ -36,6 +37,7 @@ from models.detector import Detector
 from models.drift import DriftMonitor
 from pipeline import control as ctl
 from pipeline.app import Components, build_detector, fetch_version, write_checkpoints
+from pipeline.cadence import CheckpointCadence, Pending, serialise
 from pipeline.continuity import Hole
 from pipeline.groups import device_grouper
 from pipeline.holes import HoleRepair, RepairedAgent
@@ -84,6 +86,11 @@ class ScoringService(RepairedAgent[Inbound]):
         self._partition_of: dict[str, dict[bytes, int]] = {}  # topic -> key -> partition (scores: device ids)
         self._next_champion: Detector | None = None
         self._next_shadow: tuple[Detector | None] | None = None  # (None,) = stop the shadow
+        self.cadence: CheckpointCadence[Message, Hole] = CheckpointCadence(s.checkpoint_interval_s)
+        # From a rebalance's (or a stop's) wait for acknowledgements to the next assignment: every batch is
+        # checkpointed at once, so the wait ends with the batches Faust had already handed out.
+        self.draining = False
+        self._writing: asyncio.Future[None] | None = None  # the last checkpoint's write and releases
 
     async def on_control(self, msg: dict[str, Any]) -> None:
         """``model-updated`` swaps the champion (fetched from the registry, or loaded from ``path``);
@@ -126,10 +133,14 @@ class ScoringService(RepairedAgent[Inbound]):
             self.c.metrics.model_load_failures.inc()
             return None
 
-    def _apply_swaps(self) -> None:
+    async def _apply_swaps(self) -> None:
         """Between micro-batches: install a loaded champion or shadow (atomic per batch)."""
         m, proc = self.c.metrics, self.c.processor
         if self._next_champion is not None:
+            # The swap marks every state stale, and a stale state is not checkpointed: write the old
+            # model's states first, so that a crash restores (and re-warms) them rather than older ones.
+            await self.flush_checkpoints()
+            await self._written()
             old = proc.detector.version
             proc.swap(self._next_champion)
             self._next_champion = None
@@ -152,26 +163,81 @@ class ScoringService(RepairedAgent[Inbound]):
             Inbound(e.message.key, e.message.value or b"", e.message.topic, e.message.partition, e.message.offset)
             for e in events
         ]
-        await self.handle_batch(batch)
+        messages = [e.message for e in events]
+        for message in messages:
+            # take_events acknowledges the batch when the loop asks for the next one; this reference holds
+            # each message until the state it advances is checkpointed (flush_checkpoints).
+            message.incref()
+        async with self.busy:
+            await self._process(*await self.holes.fill(batch), messages)
 
     async def process(self, batch: list[Inbound], holes: list[Hole]) -> None:
+        await self._process(batch, holes, [])
+
+    async def _process(self, batch: list[Inbound], holes: list[Hole], messages: list[Message]) -> None:
         m = self.c.metrics
         m.messages.inc(len(batch))
         m.batch_size.observe(len(batch))
-        self._apply_swaps()
+        await self._apply_swaps()
         t0 = time.perf_counter()
         res = self.c.processor.process(batch, int(time.time() * 1000))
         m.step_seconds.observe(time.perf_counter() - t0)
         await self.emit(res)
-        await self.holes.release(holes)
+        # Held only now, once processed: every flush before this point (a swap's) leaves them unacknowledged.
+        self.cadence.hold(messages)
+        self.cadence.add(res.dirty, holes)
+        if self.draining or self.cadence.due():
+            await self.flush_checkpoints()
 
     async def flush_idle(self) -> None:
         await self.sweep()
         async with self.busy:
-            self._apply_swaps()
+            await self._apply_swaps()
             res = self.c.processor.flush_idle(int(time.time() * 1000))
             if res.scores or res.dirty:
                 await self.emit(res)
+                self.cadence.add(res.dirty)
+            if self.cadence.due():
+                await self.flush_checkpoints()
+
+    async def drain(self) -> None:
+        """Faust waits for every delivered message to be acknowledged (a rebalance, a stop): checkpoint and
+        release everything now, and every batch at once until partitions are assigned again."""
+        self.draining = True
+        async with self.busy:
+            await self.flush_checkpoints()
+            await self._written()
+
+    async def flush_checkpoints(self) -> None:
+        """Checkpoint every device advanced since the last checkpoint, then release what waited for it: the
+        messages' acknowledgements (Faust commits their offsets) and the offset holes repaired meanwhile.
+
+        Serialising the states, writing them and the releases go on in the background, a chunk of devices
+        at a time, while the next batches are processed: a checkpoint of every device of a fleet is
+        megabytes, and doing it in one go stalled every reading that arrived meanwhile. A state serialised
+        later than now is only further ahead than the messages released with it, which is safe (replays up
+        to a device's checkpointed offset are skipped). One checkpoint at a time, in order: the next waits
+        for this one, so a failed write fails the agent there. Call it under ``busy``."""
+        await self._written()
+        self._writing = asyncio.ensure_future(self._write(self.cadence.take(), time.perf_counter()))
+
+    async def _written(self) -> None:
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            await writing
+
+    async def _write(self, pending: Pending[Message, Hole], t0: float) -> None:
+        """Each device's state to the changelog partition numbered like its readings partition
+        (co-partitioning by construction, whatever the partitioner), then the releases."""
+        records = await serialise(self.c.processor.checkpoint, pending.devices)
+        if records:
+            await write_checkpoints(self.c.app, self.c.table, records)
+            self.c.metrics.checkpoints.inc(len(records))
+        consumer = self.c.app.consumer
+        for message in pending.acks:
+            message.ack(consumer)
+        await self.holes.release(pending.holes)
+        self.c.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
 
     async def emit(self, res: BatchResult) -> None:
         m = self.c.metrics
@@ -201,8 +267,6 @@ class ScoringService(RepairedAgent[Inbound]):
             )
         if pending:
             await asyncio.gather(*pending)
-        if res.dirty:
-            await self._checkpoint(res.dirty)
         m.readings.inc(res.readings)
         m.late.inc(res.late)
         m.replayed.inc(res.replayed)
@@ -292,17 +356,12 @@ class ScoringService(RepairedAgent[Inbound]):
                 )
                 self.c.metrics.retrain_requests.labels(group).inc()
 
-    async def _checkpoint(self, devices: set[str]) -> None:
-        """The touched devices' state to the table's changelog, each to the changelog partition numbered like
-        the device's readings partition (co-partitioning by construction, whatever the partitioner)."""
-        records = {dev.encode(): item for dev, item in self.c.processor.checkpoint(devices).items()}
-        await write_checkpoints(self.c.app, self.c.table, records)
-
 
 def register(comp: Components) -> ScoringService:
     svc = ScoringService(comp)
     s = comp.settings
     app = comp.app
+    app.before_wait_empty.append(svc.drain)
 
     @app.agent(comp.readings, name="iotad-score")
     async def score(stream: StreamT[bytes]) -> None:
@@ -331,6 +390,7 @@ def register(comp: Components) -> ScoringService:
     async def on_assigned(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         assigned: set[TP] = args[0] if args else kwargs.get("assigned", set())
         comp.metrics.assigned.set(sum(1 for tp in assigned if tp.topic == svc.readings_topic))
+        svc.draining = False
         await svc.holes.on_assigned(assigned)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode's signal stubs reject async

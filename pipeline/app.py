@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -16,7 +16,7 @@ from typing import Any, cast
 import faust
 from aiokafka import AIOKafkaProducer
 from faust.transport.drivers.aiokafka import Producer as FaustKafkaProducer
-from faust.types import TableT, TransportT
+from faust.types import ConsumerT, TableT, TransportT
 from mode.utils.queues import ThrowableQueue
 
 from connectors.influx import RetryingSink, make_writer
@@ -97,7 +97,7 @@ def broker_urls(bootstrap: str) -> list[str]:
 
 @dataclass
 class Components:
-    app: faust.App
+    app: App
     readings: faust.TopicT
     table: TableT
     processor: Processor
@@ -120,7 +120,19 @@ async def write_checkpoints(app: faust.App, table: TableT, records: Mapping[byte
 
 
 class App(faust.App):
-    """Faust's app with the cheaper hand-over of messages to its streams (pipeline.delivery)."""
+    """Faust's app with the cheaper hand-over of messages to its streams (pipeline.delivery), and a hook
+    for agents that hold acknowledgements (``pipeline.cadence``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Awaited before Faust waits for every delivered message to be acknowledged (a rebalance, a stop):
+        # there an agent that holds acknowledgements must release them, or the wait never ends.
+        self.before_wait_empty: list[Callable[[], Awaitable[None]]] = []
+
+    async def _consumer_wait_empty(self, consumer: ConsumerT, logger: Any) -> None:
+        for release in self.before_wait_empty:
+            await release()
+        await super()._consumer_wait_empty(consumer, logger)
 
     def _new_transport(self) -> TransportT:
         return Transport(self.conf.broker_consumer, self)
@@ -129,7 +141,7 @@ class App(faust.App):
         return RefillQueue(maxsize=maxsize, flow_control=self.flow_control, clear_on_resume=clear_on_resume)
 
 
-def make_faust_app(settings: Settings, app_id: str) -> faust.App:
+def make_faust_app(settings: Settings, app_id: str) -> App:
     """A Faust app configured the way every iotad worker needs it (scoring worker, alerter)."""
     security = KafkaSecurity.from_settings(settings)
     register_security(settings.kafka_bootstrap, security)  # the process's other Kafka clients use it too
@@ -202,7 +214,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
     )
     # Device checkpoints, keyed by device id. The agent writes each one to the changelog partition
     # numbered like the device's readings partition, so Faust recovers it on whichever worker is
-    # assigned that partition (see ScoringService.emit).
+    # assigned that partition (see ScoringService._write).
     table = app.Table(
         STATE_TABLE,
         default=None,

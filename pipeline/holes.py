@@ -200,4 +200,5 @@ class RepairedAgent(abc.ABC, Generic[M]):
 
     @abc.abstractmethod
     async def process(self, batch: list[M], holes: list[Hole]) -> None:
-        """Process a batch and write its results, then :meth:`HoleRepair.release` its holes."""
+        """Process a batch and write its results, then :meth:`HoleRepair.release` its holes (the scoring
+        worker: with the checkpoint that covers them, ``pipeline.cadence``)."""

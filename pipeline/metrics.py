@@ -64,6 +64,15 @@ class Metrics:
             "Records the consumer skipped (offset holes after a restart or rebalance), re-read and processed",
             registry=r,
         )
+        self.checkpoints = Counter(
+            "iotad_device_checkpoints", "Device states written to the state changelog", registry=r
+        )
+        self.checkpoint_seconds = Histogram(
+            "iotad_checkpoint_seconds",
+            "One checkpoint of the devices advanced within an interval: serialised, then written (in the background)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.imputed = Counter("iotad_imputed_steps", "Gap steps forward-filled", registry=r)
         self.resets = Counter("iotad_state_resets", "Device states reset after a long gap", registry=r)
         self.batch_size = Histogram(

@@ -70,6 +70,7 @@ def test_connectors_import_only_the_wire_contract_from_pipeline() -> None:
         # what a scored step is, and its InfluxDB line (the line-protocol encoding, pure functions)
         ("pipeline.records", ("models.scoring", "connectors.influx")),
         ("pipeline.continuity", ()),
+        ("pipeline.cadence", ()),
         ("pipeline.processor", ("pipeline.schema", "pipeline.windowing", "pipeline.records", "models")),
     ],
 )
