@@ -380,6 +380,9 @@ def register(comp: Components) -> ScoringService:
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode's signal stubs reject async
     async def on_revoked(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         revoked: set[TP] = args[0] if args else kwargs.get("revoked", set())
+        # Faust's wait for acknowledgements has let every checkpoint finish; this makes sure of it (no
+        # state of a revoked device may be serialised after it is forgotten).
+        await svc.drain()
         svc.holes.on_revoked(revoked)
         parts = {tp.partition for tp in revoked if tp.topic == svc.readings_topic}
         if parts:
