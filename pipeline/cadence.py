@@ -9,8 +9,9 @@ many micro-batches within an interval is written once, with its latest state. A 
 an interval's messages from the committed offsets, which the per-device offset guard and the keyed
 outputs absorb exactly as they absorb a micro-batch's.
 
-Pure bookkeeping, no I/O: the agent (``pipeline/agents.py``) and the lean loop (``bench/lean.py``) write
-what :meth:`CheckpointCadence.take` hands them.
+No I/O: bookkeeping, and :func:`serialise`, which only yields to the event loop between chunks. The agent
+(``pipeline/agents.py``) and the lean loop (``bench/lean.py``) write what :meth:`CheckpointCadence.take`
+hands them.
 """
 
 from __future__ import annotations
