@@ -11,8 +11,9 @@ Stages (µs per reading, median over runs): ``validate`` is :func:`~pipeline.sch
 batch on its own (the processor runs it inside ``process``), ``step`` the time inside
 ``Detector.step``, ``process`` the whole ``Processor.process`` call, ``lines``/``json`` the encodings
 of its scores, ``total`` = process + lines + json, ``python`` = total - step (the part this benchmark is for).
-``checkpoint`` (not in ``total``: the lean loop has none) is :meth:`Processor.checkpoint` of the
-batch's touched devices, which only the Faust worker pays (the digest covers the blobs too).
+``checkpoint`` (not in ``total``) is :meth:`Processor.checkpoint` of the batch's touched devices: what the
+worker and the lean loop paid per batch before they checkpointed once per ``IOTAD_CHECKPOINT_INTERVAL_S``,
+so now an upper bound (the digest covers the blobs too).
 """
 
 from __future__ import annotations
