@@ -1,15 +1,20 @@
-"""InfluxDB sink: line-protocol formatting, v1/v2 writers, a retrying sink and v1 query helpers.
+"""InfluxDB sink: line-protocol formatting, v1/v2 writers, a retrying sink, its write-behind buffer and v1
+query helpers.
 
 Scores are formatted straight to line protocol (no influxdb_client Point per row: this is the hot path).
 Writers send one batch and raise on any failure. RetryingSink turns failures into blocking retries, which is
 the pipeline's backpressure: Kafka offsets are committed only after a write returns, so a batch is either
-written, rejected as bad data (the caller dead-letters it) or still being retried.
+written, rejected as bad data (the caller dead-letters it) or still being retried. WriteBehindSink runs
+those writes in the background, bounded: the caller goes on until its buffer is full, and waits for
+``written()`` before committing.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import collections
+import contextlib
 import email.utils
 import gzip
 import json
@@ -20,7 +25,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
 from numbers import Integral, Real
@@ -429,6 +434,114 @@ class RetryingSink:
 
     async def close(self) -> None:
         await self.writer.close()
+
+
+class WriteBehindSink:
+    """A bounded write-behind buffer in front of a :class:`RetryingSink`, so that InfluxDB's latency (a
+    slow request, a server busy snapshotting its cache) is not every reading's latency.
+
+    :meth:`submit` queues lines and returns at once with a future that completes once they are written
+    (their rejected lines, if any, handed to ``on_rejected`` first). One background task writes the
+    queue in order, what has accumulated meanwhile in one request of up to ``max_batch_lines``: a slow
+    InfluxDB gets fewer, larger writes. Backpressure stays: :meth:`submit` waits while
+    ``max_pending_lines`` are queued or being written (memory is bounded), and a write that fails for
+    good fails its futures and every later :meth:`submit`. :meth:`written` waits for everything
+    submitted so far, which is what a caller awaits before committing the offsets those lines came from.
+    """
+
+    def __init__(
+        self,
+        sink: RetryingSink,
+        *,
+        max_pending_lines: int = 50_000,
+        on_rejected: Callable[[InfluxRejectedError], Awaitable[None]] | None = None,
+    ) -> None:
+        if max_pending_lines < 1:
+            raise ValueError("max_pending_lines must be >= 1")
+        self.sink = sink
+        self.max_pending_lines = max_pending_lines
+        self.on_rejected = on_rejected
+        self.pending_lines = 0  # queued or being written
+        self._queue: collections.deque[tuple[list[str], asyncio.Future[None]]] = collections.deque()
+        self._last: asyncio.Future[None] | None = None
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failed: BaseException | None = None
+
+    async def submit(self, lines: Sequence[str]) -> asyncio.Future[None]:
+        """Queue ``lines``; waits only while the buffer is full. The future completes once they are written."""
+        while self.pending_lines >= self.max_pending_lines and self._failed is None:
+            self._room.clear()
+            await self._room.wait()
+        if self._failed is not None:
+            raise self._failed
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((list(lines), done))
+        self.pending_lines += len(lines)
+        self._last = done
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="influx-write-behind")
+        self._wake.set()
+        return done
+
+    def written(self) -> Awaitable[None]:
+        """An awaitable for every line submitted so far, not later ones (raises the failure that stopped
+        the writer): what a caller awaits before committing the offsets those lines came from."""
+        last = self._last
+        if last is None:
+            last = asyncio.get_running_loop().create_future()
+            last.set_result(None)
+        return asyncio.shield(last)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            taken: list[tuple[list[str], asyncio.Future[None]]] = [self._queue.popleft()]
+            size = len(taken[0][0])
+            while self._queue and size + len(self._queue[0][0]) <= self.sink.max_batch_lines:
+                taken.append(self._queue.popleft())
+                size += len(taken[-1][0])
+            try:
+                try:
+                    await self.sink.write([line for lines, _ in taken for line in lines])
+                except InfluxRejectedError as exc:
+                    if self.on_rejected is None:
+                        raise
+                    await self.on_rejected(exc)
+            except BaseException as exc:
+                self._fail(exc, taken)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return
+            for _, done in taken:
+                if not done.done():
+                    done.set_result(None)
+            self.pending_lines -= size
+            self._room.set()
+
+    def _fail(self, exc: BaseException, taken: list[tuple[list[str], asyncio.Future[None]]]) -> None:
+        self._failed = exc if not isinstance(exc, asyncio.CancelledError) else InfluxWriteError(None, "sink closed")
+        for _, done in [*taken, *self._queue]:
+            if not done.done():
+                done.set_exception(self._failed)
+                done.exception()  # retrieved here: a caller that never awaits it must not log it as lost
+        self._queue.clear()
+        self._room.set()
+
+    async def close(self) -> None:
+        """Write what is queued (unless the writer has failed), then stop it and close the sink."""
+        try:
+            if self._failed is None:
+                await self.written()
+        finally:
+            if self._task is not None:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, InfluxWriteError):
+                    await self._task
+            await self.sink.close()
 
 
 def _parse_query_response(raw: bytes) -> list[dict[str, Any]]:

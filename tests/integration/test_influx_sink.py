@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -17,6 +18,7 @@ from connectors.influx import (
     InfluxV2Writer,
     InfluxWriteError,
     RetryingSink,
+    WriteBehindSink,
     count_points,
     format_line,
     influx_v1_query,
@@ -37,6 +39,21 @@ def _lines(measurement: str, n: int, start: int = 0) -> list[str]:
         format_line(measurement, {"device": f"d{i % 7}"}, {"score": i / 10, "n": i, "ok": True}, T0 + i)
         for i in range(start, start + n)
     ]
+
+
+@pytest.fixture
+def own_influxd(tmp_path: Path) -> Iterator[InfluxD]:
+    """A private InfluxDB with database ``db``, which a test may stop and start again on the same port."""
+    server = InfluxD(tmp_path / "influx")
+    try:
+        server.start()
+    except ServerStartError as exc:
+        unavailable("InfluxDB", exc)
+    try:
+        server.create_database("db")
+        yield server
+    finally:
+        server.stop()
 
 
 async def _until(predicate: Callable[[], bool], timeout_s: float) -> None:
@@ -99,13 +116,9 @@ def test_sink_splits_batches_in_order(influxd, unique_name):
     assert count_points(influxd.url, TEST_DATABASE, measurement) == 250
 
 
-def test_sink_blocks_while_influx_is_down_and_loses_nothing(tmp_path, unique_name):
+def test_sink_blocks_while_influx_is_down_and_loses_nothing(own_influxd, unique_name):
     """Stop InfluxDB, start a write, restart InfluxDB on the same port: the write retries and completes."""
-    server = InfluxD(tmp_path / "influx")
-    try:
-        server.start()
-    except ServerStartError as exc:
-        unavailable("InfluxDB", exc)
+    server = own_influxd
     measurement = unique_name("outage")
     retries: list[InfluxWriteError] = []
     successes: list[int] = []
@@ -129,14 +142,10 @@ def test_sink_blocks_while_influx_is_down_and_loses_nothing(tmp_path, unique_nam
         finally:
             await sink.close()
 
-    try:
-        server.create_database("db")
-        asyncio.run(scenario())
-        assert all(exc.status is None for exc in retries)  # connection refused, not an HTTP error
-        assert successes == [100, 500]
-        assert count_points(server.url, "db", measurement) == 600
-    finally:
-        server.stop()
+    asyncio.run(scenario())
+    assert all(exc.status is None for exc in retries)  # connection refused, not an HTTP error
+    assert successes == [100, 500]
+    assert count_points(server.url, "db", measurement) == 600
 
 
 def test_sink_rejects_bad_lines_quickly(influxd, unique_name):
@@ -278,3 +287,90 @@ def test_v2_writer_maps_rejection():
 def test_query_errors_are_raised(influxd):
     with pytest.raises(InfluxQueryError):
         influx_v1_query(influxd.url, TEST_DATABASE, "SELEKT nonsense")
+
+
+def test_write_behind_returns_at_once_coalesces_and_waits_for_room_while_influx_is_down(own_influxd, unique_name):
+    """InfluxDB stopped: submissions return at once until the buffer is full, then wait (backpressure);
+    restarted: everything is written, what accumulated meanwhile in fewer requests, and ``written()``
+    completes only then."""
+    server = own_influxd
+    measurement = unique_name("behind")
+    requests: list[int] = []
+    retries: list[InfluxWriteError] = []
+
+    async def scenario() -> None:
+        sink = WriteBehindSink(
+            RetryingSink(
+                InfluxV1Writer(server.url, "db", timeout_s=2),
+                base_delay_s=0.05,
+                max_delay_s=0.2,
+                on_retry=retries.append,
+                on_success=lambda n, seconds: requests.append(n),
+            ),
+            max_pending_lines=300,
+        )
+        try:
+            await (await sink.submit(_lines(measurement, 100)))
+            await asyncio.to_thread(server.stop)
+            futures = [await sink.submit(_lines(measurement, 100, start=100 * k)) for k in (1, 2, 3)]
+            assert sink.pending_lines == 300 and not any(f.done() for f in futures)
+            fourth = asyncio.create_task(sink.submit(_lines(measurement, 100, start=400)))
+            await _until(lambda: len(retries) >= 3, timeout_s=10)
+            assert not fourth.done(), "a full buffer must make the caller wait"
+            before_restart = sink.written()
+            await asyncio.to_thread(server.start)
+            futures.append(await asyncio.wait_for(fourth, timeout=15))
+            await asyncio.wait_for(before_restart, timeout=15)
+            assert all(f.done() for f in futures[:3])
+            await asyncio.wait_for(sink.written(), timeout=15)
+            assert sink.pending_lines == 0
+        finally:
+            await sink.close()
+
+    asyncio.run(scenario())
+    assert count_points(server.url, "db", measurement) == 500
+    assert sum(requests) == 500
+    # The three batches queued during the outage went out together.
+    assert 300 in requests and len(requests) <= 3
+
+
+def test_write_behind_hands_rejected_lines_over_and_writes_the_rest(influxd, unique_name):
+    measurement = unique_name("behind_bad")
+    rejected: list[str] = []
+    good = _lines(measurement, 4)
+    bad = [f"{measurement},device=x this-is-not-a-field 1"]
+
+    async def on_rejected(exc: InfluxRejectedError) -> None:
+        await asyncio.sleep(0.05)  # the submissions complete only after the dead letters are handled
+        rejected.extend(exc.lines)
+
+    async def scenario() -> None:
+        sink = WriteBehindSink(RetryingSink(InfluxV1Writer(influxd.url, TEST_DATABASE)), on_rejected=on_rejected)
+        try:
+            first = await sink.submit(good[:2])
+            second = await sink.submit([*bad, *good[2:]])
+            await asyncio.wait_for(asyncio.gather(first, second), timeout=5)
+            # Both submissions went out in one request, whose lines InfluxDB refused as a whole.
+            assert rejected == [*good[:2], *bad, *good[2:]]
+        finally:
+            await sink.close()
+
+    asyncio.run(scenario())
+    assert count_points(influxd.url, TEST_DATABASE, measurement) == 4
+
+
+def test_write_behind_fails_its_futures_and_later_submissions_when_a_write_fails_for_good():
+    async def scenario() -> None:
+        sink = WriteBehindSink(
+            RetryingSink(InfluxV1Writer("http://127.0.0.1:9", "db", timeout_s=1), base_delay_s=0.01, max_attempts=2)
+        )
+        done = await sink.submit(["m v=1 1"])
+        with pytest.raises(InfluxWriteError):
+            await asyncio.wait_for(done, timeout=10)
+        with pytest.raises(InfluxWriteError):
+            await sink.written()
+        with pytest.raises(InfluxWriteError):
+            await sink.submit(["m v=2 2"])
+        await sink.close()  # nothing left to write: it does not raise again
+
+    asyncio.run(scenario())
