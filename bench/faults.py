@@ -10,9 +10,11 @@ time (:class:`Load`), injects one kind of fault, lets the pipeline settle and th
     Two workers, then one (the other stopped gracefully, SIGTERM), then two again, under load.
 ``influx_outage``
     InfluxDB is stopped for ``outage_s`` under load and restarted on the same port (its data kept). The
-    worker must hold back (the sink retries; consumption and commits stall) with bounded memory: the
-    worker's consumed-messages counter, its group's committed offsets, its RSS (``/proc/<pid>/status``)
-    and ``iotad_sink_retries_total`` are sampled every second of the outage.
+    worker must hold back with bounded memory: the sink retries, commits stall at once (they wait for the
+    points), and consumption stalls once the write-behind buffer is full (``IOTAD_INFLUX_MAX_PENDING_LINES``,
+    here :attr:`FaultConfig.sink_buffer_s` of load, so that it fills early in the outage). The worker's
+    consumed-messages counter, its group's committed offsets, its RSS (``/proc/<pid>/status``),
+    ``iotad_sink_retries_total`` and ``iotad_sink_pending_points`` are sampled every second of the outage.
 ``model_swap``
     A freshly trained tiny artifact is announced on the control topic mid-stream; the worker swaps it in
     between two micro-batches.
@@ -119,6 +121,7 @@ class FaultConfig:
     settle_timeout_s: float = 120.0
     ready_timeout_s: float = 60.0
     rss_growth_bound_mib: float = 64.0  # worker RSS growth allowed during the outage
+    sink_buffer_s: float = 1.0  # influx_outage: the write-behind buffer holds this many seconds of load
     receiver_down_s: float = 60.0  # alert_receiver_down
     # Retry policy of the alert receiver (routes-file keys: max_attempts, base_delay_s, max_delay_s, budget_s,
     # circuit_open_s); empty = the IOTAD_ALERT_RETRY_* settings.
@@ -874,7 +877,10 @@ def run_rebalance(cfg: FaultConfig, base: Settings, data_dir: Path, log: Log = _
 def run_influx_outage(cfg: FaultConfig, base: Settings, data_dir: Path, log: Log = _stderr) -> Outcome:
     """Stop InfluxDB for ``cfg.outage_s`` under load; sample the worker; restart it on the same port."""
     out = Outcome("influx_outage", tolerance=cfg.tolerance)
-    s = scenario_settings(base, "influx_outage", data_dir, cfg)
+    buffer_points = max(1, round(cfg.devices * cfg.steps_per_s * cfg.sink_buffer_s))
+    s = scenario_settings(base, "influx_outage", data_dir, cfg).model_copy(
+        update={"influx_max_pending_lines": buffer_points}
+    )
     planned_s = cfg.before_outage_s + cfg.outage_s + cfg.after_outage_s
     samples: list[dict[str, Any]] = []
     with PipelineStack(s, extra_env=_child_env(cfg)) as stack:
@@ -902,6 +908,7 @@ def run_influx_outage(cfg: FaultConfig, base: Settings, data_dir: Path, log: Log
                         "committed": offsets.total(),
                         "rss_kib": rss_kib(pid),
                         "retries": _sample(worker, "iotad_sink_retries_total"),
+                        "pending": _sample(worker, "iotad_sink_pending_points"),
                         "sent": load.readings_sent,
                     }
                 )
@@ -943,8 +950,13 @@ def run_influx_outage(cfg: FaultConfig, base: Settings, data_dir: Path, log: Log
         rss_mib_before=None if rss_before is None else round(rss_before / 1024, 1),
         rss_mib_max=round(max(rss) / 1024, 1) if rss else None,
         rss_growth_mib=growth_mib,
-        samples=[[x["t"], x["consumed"], x["committed"], x["rss_kib"], x["retries"], x["sent"]] for x in samples],
-        samples_columns=["t_s", "consumed", "committed", "rss_kib", "sink_retries", "readings_sent"],
+        sink_buffer_points=buffer_points,
+        sink_pending_max=_worst(x["pending"] for x in samples),
+        samples=[
+            [x["t"], x["consumed"], x["committed"], x["rss_kib"], x["retries"], x["pending"], x["sent"]]
+            for x in samples
+        ],
+        samples_columns=["t_s", "consumed", "committed", "rss_kib", "sink_retries", "sink_pending", "readings_sent"],
     )
     out.checks["outage_mid_stream"] = mid_stream and sent_at_restart > sent_at_stop
     out.checks["sink_retried"] = retries > 0

@@ -1,10 +1,11 @@
 """The ceiling for the Faust worker: the same work in a lean aiokafka loop, no Faust.
 
 consume (getmany) -> the same :class:`~pipeline.processor.Processor` (decode, validate, window, ONE
-batched model step per wave) -> the same InfluxDB sink -> scores produced in one batch per
-micro-batch -> once per ``checkpoint_interval_s`` (the worker's cadence, ``pipeline.cadence``), the
-checkpoints of the devices advanced since the last one (the same records, as record batches, plus the end
-marker per partition, to a changelog topic of its own) -> commit. What it leaves out is Faust: events,
+batched model step per wave) -> the same InfluxDB sink, written behind (``WriteBehindSink``) -> scores
+produced in one batch per micro-batch -> once per ``checkpoint_interval_s`` (the worker's cadence,
+``pipeline.cadence``), the checkpoints of the devices advanced since the last one (the same records, as
+record batches, plus the end marker per partition, to a changelog topic of its own) -> once the points
+queued before are written, commit. What it leaves out is Faust: events,
 acks, streams, tables.
 """
 
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from connectors.influx import RetryingSink, make_writer
+from connectors.influx import RetryingSink, WriteBehindSink, make_writer
 from connectors.kafka_admin import create_topics
 from connectors.kafka_batches import RECORD_BATCH_BYTES, Record, send_batches, send_checkpoints
 from connectors.kafka_security import KafkaSecurity
@@ -28,13 +30,17 @@ from pipeline.settings import Settings
 
 async def run_lean(settings: Settings, topic: str, expected_scores: int, timeout_s: float = 300.0) -> float:
     """Consume ``topic`` from the beginning until ``expected_scores`` are written; readings/s from the first
-    message to the last score written, as the worker's rate is measured (the last checkpoint follows)."""
+    message to the last score written (to the scores topic and InfluxDB), as the worker's rate is measured
+    (the last checkpoint follows)."""
     processor = build_processor(settings, build_detector(settings))
     freeze_startup_objects()  # as the worker does once started
     security = KafkaSecurity.from_settings(settings).aiokafka()
     sensors = processor.sensors
-    sink = RetryingSink(
-        make_writer(settings.influx_version, settings.influx_url, settings.influx_database, settings.influx_org, "")
+    sink = WriteBehindSink(
+        RetryingSink(
+            make_writer(settings.influx_version, settings.influx_url, settings.influx_database, settings.influx_org, "")
+        ),
+        max_pending_lines=settings.influx_max_pending_lines,
     )
     consumer = AIOKafkaConsumer(
         topic,
@@ -57,8 +63,9 @@ async def run_lean(settings: Settings, topic: str, expected_scores: int, timeout
     cadence: CheckpointCadence[None, None] = CheckpointCadence(settings.checkpoint_interval_s)
     writing: asyncio.Future[None] | None = None
 
-    async def write(devices: set[str], offsets: dict[TopicPartition, int]) -> None:
+    async def write(devices: set[str], points: Awaitable[None], offsets: dict[TopicPartition, int]) -> None:
         await send_checkpoints(producer, changelog, await serialise(processor.checkpoint, devices))
+        await points
         await consumer.commit(offsets)
 
     async def checkpoint() -> None:
@@ -68,9 +75,14 @@ async def run_lean(settings: Settings, topic: str, expected_scores: int, timeout
         if writing is not None:
             await writing
         offsets = {tp: await consumer.position(tp) for tp in consumer.assignment()}
-        writing = asyncio.ensure_future(write(cadence.take().devices, offsets))
+        writing = asyncio.ensure_future(write(cadence.take().devices, sink.written(), offsets))
 
-    scored, t0, t_end = 0, None, None
+    scored, t0, t_end = 0, None, 0.0
+
+    def points_written(_: asyncio.Future[None]) -> None:
+        nonlocal t_end
+        t_end = time.perf_counter()
+
     deadline = time.monotonic() + timeout_s
     try:
         while scored < expected_scores and time.monotonic() < deadline:
@@ -84,11 +96,12 @@ async def run_lean(settings: Settings, topic: str, expected_scores: int, timeout
                 t0 = time.perf_counter()
             res = processor.process(msgs, int(time.time() * 1000))
             if res.scores:
-                await sink.write([score_line(r, sensors, settings.influx_measurement) for r in res.scores])
+                done = await sink.submit([score_line(r, sensors, settings.influx_measurement) for r in res.scores])
+                done.add_done_callback(points_written)
                 now_ms = int(time.time() * 1000)
                 scores: list[Record] = [(r.device_id.encode(), score_json(r, sensors, now_ms), []) for r in res.scores]
                 await asyncio.gather(*await send_batches(producer, settings.scores_topic, {0: scores}))
-            t_end = time.perf_counter()
+            t_end = max(t_end, time.perf_counter())
             scored += len(res.scores)
             cadence.add(res.dirty)
             if cadence.due():
@@ -100,5 +113,5 @@ async def run_lean(settings: Settings, topic: str, expected_scores: int, timeout
         await consumer.stop()
         await producer.stop()
         await sink.close()
-    elapsed = (t_end or 0.0) - (t0 or 0.0)
+    elapsed = t_end - (t0 or 0.0)
     return scored / elapsed if elapsed > 0 else 0.0

@@ -640,12 +640,20 @@ def pipeline_health() -> db.Dashboard:
     d = d.with_panel(
         ts_panel(
             "End-to-end latency",
-            "Reading timestamp to score written (InfluxDB and scores topic): percentiles over all workers.",
+            "Reading timestamp to score on the scores topic (p50/p90/p99) and to its point written in InfluxDB,"
+            " behind the scores (p99 InfluxDB): percentiles over all workers.",
             unit="s",
         )
         .with_target(promql(f"histogram_quantile(0.5, sum by (le) (rate({latency}[{RATE}])))", "p50", "A"))
         .with_target(promql(f"histogram_quantile(0.9, sum by (le) (rate({latency}[{RATE}])))", "p90", "B"))
         .with_target(promql(f"histogram_quantile(0.99, sum by (le) (rate({latency}[{RATE}])))", "p99", "C"))
+        .with_target(
+            promql(
+                f"histogram_quantile(0.99, sum by (le) (rate(iotad_influx_latency_seconds_bucket[{RATE}])))",
+                "p99 InfluxDB",
+                "D",
+            )
+        )
     )
     d = d.with_panel(
         ts_panel("Model step duration", "Batched model step (all waves of a micro-batch), per worker.", unit="s")

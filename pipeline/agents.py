@@ -1,11 +1,13 @@
 """The scoring agent: a thin shell around :class:`~pipeline.processor.Processor`.
 
 Per micro-batch (``stream.take_events``): process (pure) -> dead letters to ``<prefix>.dlq`` ->
-points to InfluxDB (retried until written: this blocks consumption, which is the backpressure) ->
-scores to ``<prefix>.scores``. The devices it advanced are checkpointed to the state table once per
-``checkpoint_interval_s`` (``pipeline.cadence``), all together; the batch's messages stay unacknowledged
-until then, and Faust flushes the producer (changelog included) before committing the acknowledged
-offsets, so nothing is committed before the state it advanced is written.
+points queued for InfluxDB (``WriteBehindSink``: written behind the scores, retried until written; when
+``influx_max_pending_lines`` wait, consumption waits, which is the backpressure) -> scores to
+``<prefix>.scores``. The devices it advanced are checkpointed to the state table once per
+``checkpoint_interval_s`` (``pipeline.cadence``), all together, once the points queued before are written;
+the batch's messages stay unacknowledged until then, and Faust flushes the producer (changelog included)
+before committing the acknowledged offsets, so nothing is committed before the state it advanced and the
+points it produced are written.
 
 Model updates arrive on ``<prefix>.control`` (every worker follows it). A new artifact is loaded and
 verified off the hot path; the swap itself happens between two micro-batches, so no batch is scored
@@ -28,7 +30,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from faust.transport.drivers.aiokafka import Producer as FaustKafkaProducer
 from faust.types import TP, EventT, Message, StreamT
 
-from connectors.influx import InfluxRejectedError
+from connectors.influx import InfluxRejectedError, WriteBehindSink
 from connectors.kafka_batches import Record, send_batches
 from connectors.kafka_ranges import PartitionReader
 from connectors.kafka_security import KafkaSecurity
@@ -67,6 +69,9 @@ class ScoringService(RepairedAgent[Inbound]):
             )
         )
         self.c = comp
+        self.sink = WriteBehindSink(
+            comp.sink, max_pending_lines=s.influx_max_pending_lines, on_rejected=self._dead_letter_rejected
+        )
         self.sensors = comp.processor.sensors
         self.scores_topic, self.dlq_topic, self.measurement = s.scores_topic, s.dlq_topic, s.influx_measurement
         self.drift = (
@@ -219,20 +224,24 @@ class ScoringService(RepairedAgent[Inbound]):
         to a device's checkpointed offset are skipped). One checkpoint at a time, in order: the next waits
         for this one, so a failed write fails the agent there. Call it under ``busy``."""
         await self._written()
-        self._writing = asyncio.ensure_future(self._write(self.cadence.take(), time.perf_counter()))
+        self._writing = asyncio.ensure_future(
+            self._write(self.cadence.take(), self.sink.written(), time.perf_counter())
+        )
 
     async def _written(self) -> None:
         writing, self._writing = self._writing, None
         if writing is not None:
             await writing
 
-    async def _write(self, pending: Pending[Message, Hole], t0: float) -> None:
+    async def _write(self, pending: Pending[Message, Hole], points: Awaitable[None], t0: float) -> None:
         """Each device's state to the changelog partition numbered like its readings partition
-        (co-partitioning by construction, whatever the partitioner), then the releases."""
+        (co-partitioning by construction, whatever the partitioner), then, once the InfluxDB points queued
+        before the checkpoint are written too, the releases."""
         records = await serialise(self.c.processor.checkpoint, pending.devices)
         if records:
             await write_checkpoints(self.c.app, self.c.table, records)
             self.c.metrics.checkpoints.inc(len(records))
+        await points
         consumer = self.c.app.consumer
         for message in pending.acks:
             message.ack(consumer)
@@ -247,14 +256,13 @@ class ScoringService(RepairedAgent[Inbound]):
             for d in res.dead:
                 m.dead_letters.labels(d.reason).inc()
         if res.scores:
-            lines = [score_line(r, self.sensors, self.measurement) for r in res.scores]
-            pending.extend(await self._write_points(lines))
+            ts_s = np.fromiter((r.ts_ms for r in res.scores), np.float64, len(res.scores)) / 1000
+            await self._write_points([score_line(r, self.sensors, self.measurement) for r in res.scores], ts_s)
             now = time.time()
             now_ms = int(now * 1000)
             records = [(r.device_id.encode(), score_json(r, self.sensors, now_ms)) for r in res.scores]
             pending.extend(await self._send_batched(self.scores_topic, records))
-            ts_ms = np.fromiter((r.ts_ms for r in res.scores), np.float64, len(res.scores))
-            m.latency.observe_many(np.maximum(0.0, now - ts_ms / 1000))
+            m.latency.observe_many(np.maximum(0.0, now - ts_s))
             m.scored.inc(len(res.scores))
             m.anomalies.inc(sum(r.is_anomaly for r in res.scores))
         if self.drift is not None and res.scores:
@@ -262,9 +270,7 @@ class ScoringService(RepairedAgent[Inbound]):
         if res.shadow_scores:
             # Shadow scores only go to their own measurement: never to the scores topic or alerts.
             shadow_measurement = f"{self.measurement}_shadow"
-            pending.extend(
-                await self._write_points([score_line(r, self.sensors, shadow_measurement) for r in res.shadow_scores])
-            )
+            await self._write_points([score_line(r, self.sensors, shadow_measurement) for r in res.shadow_scores])
         if pending:
             await asyncio.gather(*pending)
         m.readings.inc(res.readings)
@@ -289,21 +295,35 @@ class ScoringService(RepairedAgent[Inbound]):
             parts = self._partitions[topic] = sorted(await self._aio().partitions_for(topic))
         return parts
 
-    async def _write_points(self, lines: list[str]) -> list[Awaitable[Any]]:
-        """Write to InfluxDB (retried until written: the backpressure). Points it refuses for good (a field
-        type conflict, a cardinality limit), which no retry can help, go to the DLQ with its reason; the
-        rest of the batch is written. Returns the dead letters' delivery futures."""
-        try:
-            await self.c.sink.write(lines)
-        except InfluxRejectedError as exc:
-            log.error("InfluxDB refused %d points for good, dead-lettered: %s", len(exc.lines), exc.body[:500])
-            dead = [
-                DeadLetter(None, line.encode(), INFLUX_REJECTED, exc.body[:1000], self.measurement, 0, -1)
-                for line in exc.lines
-            ]
-            self.c.metrics.dead_letters.labels(INFLUX_REJECTED).inc(len(dead))
-            return await self._send_dead_letters(dead)
-        return []
+    async def _write_points(self, lines: list[str], ts_s: np.ndarray | None = None) -> None:
+        """Queue points for InfluxDB, written behind the scores (retried until written); waits only while
+        the write-behind buffer is full, which is the backpressure. ``ts_s``: the readings' timestamps, for
+        the InfluxDB latency histogram."""
+        m = self.c.metrics
+        done = await self.sink.submit(lines)
+        m.sink_pending.set(self.sink.pending_lines)
+
+        def written(f: asyncio.Future[None]) -> None:
+            m.sink_pending.set(self.sink.pending_lines)
+            if f.cancelled() or f.exception() is not None:
+                return
+            now = time.time()
+            if ts_s is not None:
+                m.influx_latency.observe_many(np.maximum(0.0, now - ts_s))
+            m.last_output.set(now)
+
+        done.add_done_callback(written)
+
+    async def _dead_letter_rejected(self, exc: InfluxRejectedError) -> None:
+        """Points InfluxDB refuses for good (a field type conflict, a cardinality limit), which no retry can
+        help, go to the DLQ with its reason; the rest was written."""
+        log.error("InfluxDB refused %d points for good, dead-lettered: %s", len(exc.lines), exc.body[:500])
+        dead = [
+            DeadLetter(None, line.encode(), INFLUX_REJECTED, exc.body[:1000], self.measurement, 0, -1)
+            for line in exc.lines
+        ]
+        self.c.metrics.dead_letters.labels(INFLUX_REJECTED).inc(len(dead))
+        await asyncio.gather(*await self._send_dead_letters(dead))
 
     async def _send_dead_letters(self, dead: list[DeadLetter]) -> list[Awaitable[Any]]:
         """Dead letters as record batches, each to the DLQ partition numbered like its source partition

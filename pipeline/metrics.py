@@ -89,9 +89,18 @@ class Metrics:
         )
         self.latency = BatchHistogram(
             "iotad_end_to_end_latency_seconds",
-            "Reading timestamp to score written (InfluxDB and scores topic)",
+            "Reading timestamp to score emitted on the scores topic",
             _LATENCY_BUCKETS,
             r,
+        )
+        self.influx_latency = BatchHistogram(
+            "iotad_influx_latency_seconds",
+            "Reading timestamp to its score point written in InfluxDB (written behind the scores topic)",
+            _LATENCY_BUCKETS,
+            r,
+        )
+        self.sink_pending = Gauge(
+            "iotad_sink_pending_points", "Points queued or being written to InfluxDB (write-behind)", registry=r
         )
         self.sink_writes = Counter("iotad_sink_writes", "Successful sink writes", ["sink"], registry=r)
         self.sink_errors = Counter("iotad_sink_errors", "Failed sink write attempts", ["sink"], registry=r)

@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     influx_org: str = Field("iotad", description="v2 organisation")
     influx_token: SecretStr = Field(SecretStr(""), description="v2 token; v1: sent as 'Authorization: Token' (secret)")
     influx_measurement: str = Field("anomaly_scores", description="Measurement the scores are written to")
+    influx_max_pending_lines: int = Field(
+        50_000,
+        ge=1,
+        description="Points queued or being written to InfluxDB behind the scores; when full, consumption waits",
+    )
 
     # Observability
     metrics_port: int = Field(9464, description="Prometheus metrics port on 127.0.0.1 (0 = off)")
