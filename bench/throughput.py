@@ -10,9 +10,12 @@ For each fleet size N (``iotad bench throughput --devices 100,10000 --json``):
    checkpoints) on the same broker and backlog with aiokafka and no Faust.
 4. Latency (single-reading runs): a paced run (one reading per device per step, on the step's grid
    point, as many devices as make half the Faust rate; ``step_ms`` 1000 by default) measures upload ->
-   score emitted (after its InfluxDB write), p50/p99: once with every device uploading at the grid point
+   score emitted on the scores topic, p50/p99: once with every device uploading at the grid point
    (a synchronised burst each step), once with the same fleet uploading in ``STAGGER_SLICES`` slots
-   spread over the step (``staggered_p50_ms``/``staggered_p99_ms``).
+   spread over the step (``staggered_p50_ms``/``staggered_p99_ms``). The InfluxDB points are written
+   behind the scores; ``influx_p50_le_ms``/``influx_p99_le_ms`` are the upper bounds of the worker's
+   ``iotad_influx_latency_seconds`` buckets holding those quantiles over the synchronised run (the
+   histogram counts from the reading's timestamp, which a staggered upload slot is later than).
 5. The batched model step alone (B = min(N, 8192)) vs one call per reading.
 
 With ``--repeats R`` each fleet size runs R such pairs on fresh stacks, alternately Faust first and the
@@ -43,8 +46,9 @@ from pipeline.app import build_detector, build_processor
 from pipeline.processor import Inbound
 from pipeline.schema import encode_envelope, encode_reading
 from pipeline.settings import Settings
-from pipeline.stack import BUSY_POLL_S, IDLE_POLL_S, PipelineStack
+from pipeline.stack import BUSY_POLL_S, IDLE_POLL_S, PipelineStack, WorkerProcess
 
+INFLUX_LATENCY = "iotad_influx_latency_seconds"
 STAGGER_SLICES = 20  # upload slots per step of the staggered latency fleet (50 ms apart with 1 s steps)
 
 
@@ -94,6 +98,26 @@ def _drain_rate(stack: PipelineStack, expected: int, timeout_s: float) -> float:
     raise TimeoutError(f"Faust worker scored {scored} of {expected} in {timeout_s}s")
 
 
+def _histogram(worker: WorkerProcess, name: str) -> dict[float, float]:
+    """A worker histogram's cumulative bucket counts by upper bound (seconds; the last is +Inf)."""
+    prefix = f'{name}_bucket{{le="'
+    return {
+        float(line[len(prefix) :].split('"', 1)[0]): float(line.rsplit(" ", 1)[1])
+        for line in worker.metrics().splitlines()
+        if line.startswith(prefix)
+    }
+
+
+def _bucket_bound_ms(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """Upper bound (ms) of the bucket holding quantile ``q`` of what was observed between two scrapes."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    bound = next(b for b, c in zip(bounds, counts, strict=True) if c >= q * counts[-1])
+    return bound * 1000 if bound != float("inf") else None  # beyond the last bucket: no bound to give
+
+
 def _latency(
     stack: PipelineStack, settings: Settings, n_devices: int, seconds: int, stagger_slices: int = 1
 ) -> dict[str, Any]:
@@ -107,6 +131,7 @@ def _latency(
         dev: upload_offset_ms(d, n_devices, stagger_slices, settings.step_ms) for d, dev in enumerate(sim.device_ids)
     }
     producer = make_producer(stack.bootstrap, acks=1, linger_ms=5)
+    influx_before = _histogram(stack.procs[0], INFLUX_LATENCY)
     # Only the scores after the backlog's: re-reading 100,000s of backlog scores per poll never caught up.
     start = end_offsets(stack.bootstrap, settings.scores_topic)
     steps = seconds * 1000 // settings.step_ms
@@ -126,7 +151,11 @@ def _latency(
         if len(lat) >= stats.readings_sent:
             break
     arr = np.array(lat, dtype=np.float64)
-    found = {"latency_readings": stats.readings_sent, "latency_scores_found": len(lat)}
+    found: dict[str, Any] = {"latency_readings": stats.readings_sent, "latency_scores_found": len(lat)}
+    if stagger_slices == 1:  # the histogram counts from the reading's timestamp, not a staggered upload slot
+        influx_after = _histogram(stack.procs[0], INFLUX_LATENCY)
+        found["influx_p50_le_ms"] = _bucket_bound_ms(influx_before, influx_after, 0.5)
+        found["influx_p99_le_ms"] = _bucket_bound_ms(influx_before, influx_after, 0.99)
     if not lat:
         return {**found, "p50_ms": None, "p99_ms": None}
     return {**found, "p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99))}

@@ -31,3 +31,14 @@ def test_pairs_alternate_the_order_and_report_medians(monkeypatch: pytest.Monkey
     assert (out["readings_per_s"], out["ceiling_per_s"]) == (120, 200)
     assert out["ratio"] == 1.2  # the median of the pairs' ratios (0.5, 1.2, 1.2), not 120 / 200
     assert [p["ratio"] for p in out["pairs"]] == [0.5, 1.2, 1.2] and out["p99_ms"] == 5
+
+
+def test_a_quantile_bucket_is_taken_from_what_was_observed_between_two_scrapes() -> None:
+    inf = float("inf")
+    before = {0.05: 900.0, 0.25: 1000.0, 1.0: 1000.0, inf: 1000.0}  # e.g. a backlog drain
+    after = {0.05: 1800.0, 0.25: 1995.0, 1.0: 2000.0, inf: 2000.0}  # then 900 / 95 / 5 of 1,000
+    assert throughput._bucket_bound_ms(before, after, 0.5) == 50.0
+    assert throughput._bucket_bound_ms(before, after, 0.99) == 250.0
+    assert throughput._bucket_bound_ms(before, after, 0.999) == 1000.0
+    assert throughput._bucket_bound_ms(before, before, 0.99) is None  # nothing observed
+    assert throughput._bucket_bound_ms({}, {0.05: 0.0, inf: 3.0}, 0.99) is None  # beyond the last bound
