@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     batch_max: int = Field(2000, description="Most messages in one micro-batch")
     batch_within_s: float = Field(0.02, description="Longest wait to fill a micro-batch")
     checkpoint_interval_s: float = Field(
-        1.0,
+        3.0,
         ge=0,
         description="Checkpoint the device states a worker advanced at most this often (0 = after every "
         "micro-batch); offsets are committed only once checkpointed, so a crash replays at most this much",
