@@ -1,8 +1,8 @@
 """The scoring agent: a thin shell around :class:`~pipeline.processor.Processor`.
 
 Per micro-batch (``stream.take_events``): process (pure) -> dead letters to ``<prefix>.dlq`` ->
-points queued for InfluxDB (``WriteBehindSink``: written behind the scores, retried until written; when
-``influx_max_pending_lines`` wait, consumption waits, which is the backpressure) -> scores to
+points queued for InfluxDB (``WriteBehindSink``: written behind the scores, retried until written; while
+``influx_max_pending_lines`` points wait, consumption waits, which is the backpressure) -> scores to
 ``<prefix>.scores``. The devices it advanced are checkpointed to the state table once per
 ``checkpoint_interval_s`` (``pipeline.cadence``), all together, once the points queued before are written;
 the batch's messages stay unacknowledged until then, and Faust flushes the producer (changelog included)
