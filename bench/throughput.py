@@ -37,6 +37,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.faults import rss_kib
 from bench.lean import run_lean
@@ -100,11 +101,12 @@ def _drain_rate(stack: PipelineStack, expected: int, timeout_s: float) -> float:
 
 def _histogram(worker: WorkerProcess, name: str) -> dict[float, float]:
     """A worker histogram's cumulative bucket counts by upper bound (seconds; the last is +Inf)."""
-    prefix = f'{name}_bucket{{le="'
     return {
-        float(line[len(prefix) :].split('"', 1)[0]): float(line.rsplit(" ", 1)[1])
-        for line in worker.metrics().splitlines()
-        if line.startswith(prefix)
+        float(sample.labels["le"]): sample.value
+        for family in text_string_to_metric_families(worker.metrics())
+        if family.name == name
+        for sample in family.samples
+        if sample.name == f"{name}_bucket"
     }
 
 

@@ -42,3 +42,20 @@ def test_a_quantile_bucket_is_taken_from_what_was_observed_between_two_scrapes()
     assert throughput._bucket_bound_ms(before, after, 0.999) == 1000.0
     assert throughput._bucket_bound_ms(before, before, 0.99) is None  # nothing observed
     assert throughput._bucket_bound_ms({}, {0.05: 0.0, inf: 3.0}, 0.99) is None  # beyond the last bound
+
+
+def test_a_worker_histogram_is_read_from_its_exposition() -> None:
+    import numpy as np
+    from prometheus_client import generate_latest
+
+    from pipeline.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.influx_latency.observe_many(np.array([0.02, 0.3, 0.3]))
+
+    class Worker:
+        def metrics(self) -> str:
+            return generate_latest(metrics.registry).decode()
+
+    buckets = throughput._histogram(Worker(), throughput.INFLUX_LATENCY)  # type: ignore[arg-type]
+    assert buckets[0.01] == 0 and buckets[0.025] == 1 and buckets[0.5] == 3 and buckets[float("inf")] == 3
