@@ -2,11 +2,11 @@
 
 consume (getmany) -> the same :class:`~pipeline.processor.Processor` (decode, validate, window, ONE
 batched model step per wave) -> the same InfluxDB sink, written behind (``WriteBehindSink``) -> scores
-produced in one batch per micro-batch -> once per ``checkpoint_interval_s`` (the worker's cadence,
-``pipeline.cadence``), the checkpoints of the devices advanced since the last one (the same records, as
-record batches, plus the end marker per partition, to a changelog topic of its own) -> once the points
-queued before are written, commit. What it leaves out is Faust: events,
-acks, streams, tables.
+produced in one batch per micro-batch -> the worker's checkpoint cadence (``pipeline.cadence``: each device
+advanced once per ``checkpoint_interval_s``, a slice at a time), the same records, as record batches, plus
+the end marker per partition, to a changelog topic of its own -> once the points queued before are
+written, commit the offsets of the batches covered. What it leaves out is Faust: events, acks, streams,
+tables.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from connectors.kafka_admin import create_topics
 from connectors.kafka_batches import RECORD_BATCH_BYTES, Record, send_batches, send_checkpoints
 from connectors.kafka_security import KafkaSecurity
 from pipeline.app import build_detector, build_processor, freeze_startup_objects
-from pipeline.cadence import CheckpointCadence, serialise
+from pipeline.cadence import CheckpointCadence, Pending, serialise
 from pipeline.processor import Inbound
 from pipeline.records import score_json, score_line
 from pipeline.settings import Settings
@@ -60,22 +60,26 @@ async def run_lean(settings: Settings, topic: str, expected_scores: int, timeout
     await asyncio.to_thread(create_topics, settings.kafka_bootstrap, {changelog: settings.partitions})
     await consumer.start()
     await producer.start()
-    cadence: CheckpointCadence[None, None] = CheckpointCadence(settings.checkpoint_interval_s)
+    # Each batch's acknowledgement is the offsets it consumed up to; a checkpoint commits the newest it covers.
+    cadence: CheckpointCadence[dict[TopicPartition, int], None] = CheckpointCadence(settings.checkpoint_interval_s)
     writing: asyncio.Future[None] | None = None
 
-    async def write(devices: set[str], points: Awaitable[None], offsets: dict[TopicPartition, int]) -> None:
-        await send_checkpoints(producer, changelog, await serialise(processor.checkpoint, devices))
+    async def write(pending: Pending[dict[TopicPartition, int], None], points: Awaitable[None]) -> None:
+        await send_checkpoints(producer, changelog, await serialise(processor.checkpoint, pending.devices))
         await points
-        await consumer.commit(offsets)
+        offsets: dict[TopicPartition, int] = {}
+        for consumed in pending.acks:
+            offsets |= consumed
+        if offsets:
+            await consumer.commit(offsets)
 
-    async def checkpoint() -> None:
+    async def checkpoint(everything: bool = False) -> None:
         # As the worker does: serialised in chunks and written (then committed) in the background, one
         # checkpoint at a time, while the next batches are processed.
         nonlocal writing
         if writing is not None:
             await writing
-        offsets = {tp: await consumer.position(tp) for tp in consumer.assignment()}
-        writing = asyncio.ensure_future(write(cadence.take().devices, sink.written(), offsets))
+        writing = asyncio.ensure_future(write(cadence.take(everything), sink.written()))
 
     scored, t0, t_end = 0, None, 0.0
 
@@ -103,10 +107,10 @@ async def run_lean(settings: Settings, topic: str, expected_scores: int, timeout
                 await asyncio.gather(*await send_batches(producer, settings.scores_topic, {0: scores}))
             t_end = time.perf_counter()
             scored += len(res.scores)
-            cadence.add(res.dirty)
-            if cadence.due():
+            cadence.add(res.dirty, acks=[{tp: ms[-1].offset + 1 for tp, ms in batches.items() if ms}])
+            if cadence.due() and (writing is None or writing.done()):
                 await checkpoint()
-        await checkpoint()
+        await checkpoint(everything=True)
         if writing is not None:
             await writing
     finally:

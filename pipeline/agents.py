@@ -4,10 +4,10 @@ Per micro-batch (``stream.take_events``): process (pure) -> dead letters to ``<p
 points queued for InfluxDB (``WriteBehindSink``: written behind the scores, retried until written; while
 ``influx_max_pending_lines`` points wait, consumption waits, which is the backpressure) -> scores to
 ``<prefix>.scores``. The devices it advanced are checkpointed to the state table once per
-``checkpoint_interval_s`` (``pipeline.cadence``), all together, once the points queued before are written;
-the batch's messages stay unacknowledged until then, and Faust flushes the producer (changelog included)
-before committing the acknowledged offsets, so nothing is committed before the state it advanced and the
-points it produced are written.
+``checkpoint_interval_s``, a slice of the fleet at a time (``pipeline.cadence``); once the points queued
+before are written, the batches those checkpoints cover are acknowledged (unacknowledged until then). Faust
+flushes the producer (changelog included) before committing the acknowledged offsets, so nothing is
+committed before the state it advanced and the points it produced are written.
 
 Model updates arrive on ``<prefix>.control`` (every worker follows it). A new artifact is loaded and
 verified off the hot path; the swap itself happens between two micro-batches, so no batch is scored
@@ -144,7 +144,7 @@ class ScoringService(RepairedAgent[Inbound]):
         if self._next_champion is not None:
             # The swap marks every state stale, and a stale state is not checkpointed: write the old
             # model's states first, so that a crash restores (and re-warms) them rather than older ones.
-            await self.flush_checkpoints()
+            await self.flush_checkpoints(everything=True)
             await self._written()
             old = proc.detector.version
             proc.swap(self._next_champion)
@@ -189,9 +189,10 @@ class ScoringService(RepairedAgent[Inbound]):
         m.step_seconds.observe(time.perf_counter() - t0)
         await self.emit(res)
         # Held only now, once processed: every flush before this point (a swap's) leaves them unacknowledged.
-        self.cadence.hold(messages)
-        self.cadence.add(res.dirty, holes)
-        if self.draining or self.cadence.due():
+        self.cadence.add(res.dirty, holes, messages)
+        if self.draining:
+            await self.flush_checkpoints(everything=True)
+        elif self._checkpoint_due():
             await self.flush_checkpoints()
 
     async def flush_idle(self) -> None:
@@ -202,20 +203,25 @@ class ScoringService(RepairedAgent[Inbound]):
             if res.scores or res.dirty:
                 await self.emit(res)
                 self.cadence.add(res.dirty)
-            if self.cadence.due():
+            if self._checkpoint_due():
                 await self.flush_checkpoints()
+
+    def _checkpoint_due(self) -> bool:
+        # Not while the last checkpoint is being written: it may wait for InfluxDB, and the readings must not.
+        return self.cadence.due() and (self._writing is None or self._writing.done())
 
     async def drain(self) -> None:
         """Faust waits for every delivered message to be acknowledged (a rebalance, a stop): checkpoint and
         release everything now, and every batch at once until partitions are assigned again."""
         self.draining = True
         async with self.busy:
-            await self.flush_checkpoints()
+            await self.flush_checkpoints(everything=True)
             await self._written()
 
-    async def flush_checkpoints(self) -> None:
-        """Checkpoint every device advanced since the last checkpoint, then release what waited for it: the
-        messages' acknowledgements (Faust commits their offsets) and the offset holes repaired meanwhile.
+    async def flush_checkpoints(self, everything: bool = False) -> None:
+        """Checkpoint the devices the cadence hands over (``everything``: every device advanced since the
+        last checkpoint), then release what waited for them: the messages' acknowledgements (Faust commits
+        their offsets) and the offset holes repaired meanwhile.
 
         Serialising the states, writing them and the releases go on in the background, a chunk of devices
         at a time, while the next batches are processed: a checkpoint of every device of a fleet is
@@ -225,7 +231,7 @@ class ScoringService(RepairedAgent[Inbound]):
         for this one, so a failed write fails the agent there. Call it under ``busy``."""
         await self._written()
         self._writing = asyncio.ensure_future(
-            self._write(self.cadence.take(), self.sink.written(), time.perf_counter())
+            self._write(self.cadence.take(everything), self.sink.written(), time.perf_counter())
         )
 
     async def _written(self) -> None:

@@ -69,8 +69,9 @@ class Settings(BaseSettings):
     checkpoint_interval_s: float = Field(
         3.0,
         ge=0,
-        description="Checkpoint the device states a worker advanced at most this often (0 = after every "
-        "micro-batch); offsets are committed only once checkpointed, so a crash replays at most this much",
+        description="Checkpoint each device state a worker advanced about this often, a sixth of the dirty "
+        "devices every sixth of it (0 = after every micro-batch); offsets are committed only once "
+        "checkpointed, so a crash replays at most this much and a sixth",
     )
 
     # Model and scoring
