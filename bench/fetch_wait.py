@@ -4,7 +4,7 @@ A producer thread sends ``rate`` small records/s (in 100 ms ticks) to a 4-partit
 embedded broker (Tansu) while an aiokafka consumer, assigned every partition at its end, reads them with
 each ``fetch_max_wait_ms``; delivery delay = consume time - record timestamp (set by the producer at
 send). Kafka answers a fetch as soon as data arrives, whatever the wait; this measures what the wait
-costs on the embedded stack, and why ``IOTAD_KAFKA_FETCH_MAX_WAIT_MS`` defaults to 100.
+costs on the embedded stack, and why ``IOTAD_KAFKA_FETCH_MAX_WAIT_MS`` defaults to 20.
 
 The last line of stdout (with ``--json``) is one JSON object: ``{"waits": {"<ms>": {"records", "p50_ms",
 "p99_ms"}}, "rate", "seconds"}``.

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         description="Record-batch compression of the dead-letter topic (bad input can be huge and repetitive)",
     )
     kafka_fetch_max_wait_ms: int = Field(
-        100, ge=1, description="Longest the broker may hold a worker's fetch when no data is waiting"
+        20, ge=1, description="Longest the broker may hold a worker's fetch when no data is waiting"
     )
 
     # Batching
