@@ -14,6 +14,14 @@ its own. Two changes take that off the common path:
   drained to its pressure-drop size, so that a backlog refills it by whole batches on the fast path
   instead of one blocked delivery per freed slot.
 
+And one change that is about latency, not cost: :class:`Consumer` waits at most :data:`REFETCH_S` for
+records (Faust asks for 1 s), because a wait only fetches the partitions that were active when it began.
+A partition whose stream buffer filled is left out until the buffer drains; re-enabled during a wait, it
+sat out the rest of the second with its records already fetched. At the end of a backlog (the other
+partitions drained, the last one's buffer full) that idled the worker for up to a second. When every
+assigned partition is left out (a worker with one partition, or all of its buffers full), Faust sleeps a
+whole second instead of waiting; this consumer sleeps :data:`REFETCH_S`.
+
 Measured (``iotad bench throughput --devices 100``, single readings): 13,400-14,000 readings/s against
 9,800-10,400 without them, same machine, alternating runs.
 """
@@ -24,7 +32,9 @@ import asyncio
 from collections.abc import Coroutine, Generator
 from typing import Any, cast
 
+from faust.transport.consumer import RecordMap
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 from mode import Service
 from mode.services import WaitArgT, WaitResults
 from mode.utils.queues import ThrowableQueue
@@ -97,7 +107,19 @@ def _close(waitables: tuple[WaitArgT, ...]) -> None:
             w.close()
 
 
+REFETCH_S = 0.1
+"""Longest wait for records on the partitions active when it began (see the module): the most a partition
+re-enabled meanwhile waits, and how often an idle consumer thread is asked again."""
+
+
 class Consumer(SteppedWaitFirst, faust_aiokafka.Consumer):
+    async def _wait_next_records(self, timeout: float) -> tuple[RecordMap | None, set[TP] | None]:
+        timeout = min(timeout, REFETCH_S)
+        if self.flow_active and not self.app.client_only and not self._get_active_partitions():
+            await self.sleep(timeout)
+            return {}, set()
+        return await super()._wait_next_records(timeout)
+
     def may_step(self) -> bool:
         # Not during a rebalance: Faust resumes the stream partitions before it seeks them back to the
         # committed offsets, and deliveries of records fetched in between move its read offset past

@@ -8,12 +8,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from faust.types import TP
 from mode import Service
 from mode.services import WaitResults
 from mode.utils.queues import FlowControlEvent, ThrowableQueue
 
 from pipeline.app import App
-from pipeline.delivery import Consumer, RefillQueue, SteppedWaitFirst, Transport
+from pipeline.delivery import REFETCH_S, Consumer, RefillQueue, SteppedWaitFirst, Transport
 
 
 class _Plain(Service):
@@ -222,3 +223,71 @@ def test_the_worker_consumer_does_not_step_during_a_rebalance() -> None:
     assert not consumer.may_step()
     app.on_rebalance_end()
     assert consumer.may_step()
+
+
+def _worker_consumer() -> Consumer:
+    consumer = App("delivery-test", broker="kafka://127.0.0.1:9", web_enabled=False).consumer
+    assert isinstance(consumer, Consumer)
+    return consumer
+
+
+class _FetchedRecords:
+    """The consumer thread's side of a wait, on a virtual clock: records come back at once for the
+    partitions asked for that hold some, otherwise the wait runs out its whole timeout."""
+
+    def __init__(self, held: dict[TP, list[str]], on_first_wait: Callable[[], None]) -> None:
+        self.held, self.on_first_wait = held, on_first_wait
+        self.waited_s, self.calls = 0.0, 0
+
+    async def __call__(self, active_partitions: set[TP] | None, timeout: float) -> dict[TP, list[str]]:
+        active = None if active_partitions is None else set(active_partitions)  # aiokafka takes them as they are now
+        self.calls += 1
+        if self.calls == 1:
+            self.on_first_wait()  # the stream drains its buffer while the wait is under way
+        got = {tp: self.held.pop(tp) for tp in list(self.held) if active is None or tp in active}
+        if not got:
+            self.waited_s += timeout
+        return got
+
+
+def test_a_partition_reenabled_during_a_wait_is_fetched_by_the_next_one() -> None:
+    """Faust's fetch loop waits up to 1 s on the partitions active when the wait began; a partition whose
+    buffer drained meanwhile waited that out with its records already fetched (the end of a backlog)."""
+
+    async def go() -> None:
+        consumer = _worker_consumer()
+        full, other = TP("readings", 2), TP("readings", 0)
+        consumer._set_active_tps({full, other})
+        consumer.on_buffer_full(full)
+        fetched = _FetchedRecords({full: ["r1", "r2"]}, on_first_wait=lambda: consumer.on_buffer_drop(full))
+        consumer._getmany = fetched  # type: ignore[method-assign]
+        for _ in range(10):
+            records, _active = await consumer._wait_next_records(1.0)
+            if records:
+                break
+        assert records == {full: ["r1", "r2"]}
+        assert fetched.calls == 2 and fetched.waited_s <= REFETCH_S < 1.0
+
+    asyncio.run(go())
+
+
+def test_a_consumer_with_every_partition_left_out_sleeps_briefly_not_a_second() -> None:
+    async def go() -> None:
+        consumer = _worker_consumer()
+        only = TP("readings", 1)
+        consumer._set_active_tps({only})
+        consumer.on_buffer_full(only)
+        slept: list[float] = []
+
+        async def sleep(s: float) -> None:
+            slept.append(s)
+
+        fetched = _FetchedRecords({only: ["r"]}, on_first_wait=lambda: None)
+        consumer._getmany = fetched  # type: ignore[method-assign]
+        consumer.sleep = sleep  # type: ignore[method-assign,assignment]
+        assert await consumer._wait_next_records(1.0) == ({}, set())
+        assert slept == [REFETCH_S] and fetched.calls == 0  # nothing is fetched for a partition left out
+        consumer.on_buffer_drop(only)
+        assert await consumer._wait_next_records(1.0) == ({only: ["r"]}, {only})
+
+    asyncio.run(go())
