@@ -14,16 +14,17 @@ its own. Two changes take that off the common path:
   drained to its pressure-drop size, so that a backlog refills it by whole batches on the fast path
   instead of one blocked delivery per freed slot.
 
-And one change that is about latency, not cost: :class:`Consumer` waits at most :data:`REFETCH_S` for
-records (Faust asks for 1 s), because a wait only fetches the partitions that were active when it began.
-A partition whose stream buffer filled is left out until the buffer drains; re-enabled during a wait, it
-sat out the rest of the second with its records already fetched. At the end of a backlog (the other
-partitions drained, the last one's buffer full) that idled the worker for up to a second. When every
-assigned partition is left out (a worker with one partition, or all of its buffers full), Faust sleeps a
-whole second instead of waiting; this consumer sleeps :data:`REFETCH_S`.
-
 Measured (``iotad bench throughput --devices 100``, single readings): 13,400-14,000 readings/s against
 9,800-10,400 without them, same machine, alternating runs.
+
+And one change that is about latency, not cost: while a partition is left out of fetching because its
+stream buffer is full, :class:`Consumer` waits at most :data:`REFETCH_S` for records (Faust asks for 1 s).
+A wait only fetches the partitions that were active when it began, so a partition re-enabled during it
+(its buffer drained) sat out the rest of the second with its records already fetched: at the end of a
+backlog, and after every burst that filled the buffer (a synchronised fleet), the worker idled for up to
+a second. When every assigned partition is left out, Faust sleeps a whole second instead of waiting;
+this consumer sleeps :data:`REFETCH_S`. With no partition left out (an idle or a paced worker) Faust's
+wait is kept, so an idle worker does not poll.
 """
 
 from __future__ import annotations
@@ -107,17 +108,18 @@ def _close(waitables: tuple[WaitArgT, ...]) -> None:
             w.close()
 
 
-REFETCH_S = 0.1
-"""Longest wait for records on the partitions active when it began (see the module): the most a partition
-re-enabled meanwhile waits, and how often an idle consumer thread is asked again."""
+REFETCH_S = 0.02
+"""Longest wait for records while a partition is left out of it (see the module): about the most that
+partition waits once its buffer has drained."""
 
 
 class Consumer(SteppedWaitFirst, faust_aiokafka.Consumer):
     async def _wait_next_records(self, timeout: float) -> tuple[RecordMap | None, set[TP] | None]:
-        timeout = min(timeout, REFETCH_S)
-        if self.flow_active and not self.app.client_only and not self._get_active_partitions():
-            await self.sleep(timeout)
-            return {}, set()
+        if self._buffered_partitions:
+            timeout = min(timeout, REFETCH_S)
+            if self.flow_active and not self.app.client_only and not self._get_active_partitions():
+                await self.sleep(timeout)
+                return {}, set()
         return await super()._wait_next_records(timeout)
 
     def may_step(self) -> bool:

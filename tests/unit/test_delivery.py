@@ -291,3 +291,18 @@ def test_a_consumer_with_every_partition_left_out_sleeps_briefly_not_a_second() 
         assert await consumer._wait_next_records(1.0) == ({only: ["r"]}, {only})
 
     asyncio.run(go())
+
+
+def test_with_no_partition_left_out_the_wait_is_fausts_own() -> None:
+    """An idle worker is not made to poll: only a partition left out of a wait can be re-enabled during it."""
+
+    async def go() -> None:
+        consumer = _worker_consumer()
+        tp = TP("readings", 3)
+        consumer._set_active_tps({tp})
+        fetched = _FetchedRecords({}, on_first_wait=lambda: None)
+        consumer._getmany = fetched  # type: ignore[method-assign]
+        assert await consumer._wait_next_records(1.0) == ({}, {tp})
+        assert fetched.waited_s == 1.0
+
+    asyncio.run(go())
