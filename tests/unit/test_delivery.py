@@ -225,12 +225,6 @@ def test_the_worker_consumer_does_not_step_during_a_rebalance() -> None:
     assert consumer.may_step()
 
 
-def _worker_consumer() -> Consumer:
-    consumer = App("delivery-test", broker="kafka://127.0.0.1:9", web_enabled=False).consumer
-    assert isinstance(consumer, Consumer)
-    return consumer
-
-
 class _FetchedRecords:
     """The consumer thread's side of a wait, on a virtual clock: records come back at once for the
     partitions asked for that hold some, otherwise the wait runs out its whole timeout."""
@@ -250,17 +244,33 @@ class _FetchedRecords:
         return got
 
 
+def _fetching(
+    assigned: set[TP], left_out: set[TP], held: dict[TP, list[str]], *, drain_during_first_wait: bool = False
+) -> tuple[Consumer, _FetchedRecords]:
+    """The worker's consumer with ``assigned`` partitions, ``left_out`` of them with a full stream buffer,
+    and the virtual consumer thread holding ``held``; optionally the buffers drain during the first wait."""
+    consumer = App("delivery-test", broker="kafka://127.0.0.1:9", web_enabled=False).consumer
+    assert isinstance(consumer, Consumer)
+    consumer._set_active_tps(assigned)
+    for tp in left_out:
+        consumer.on_buffer_full(tp)
+
+    def drain() -> None:
+        for tp in left_out if drain_during_first_wait else ():
+            consumer.on_buffer_drop(tp)
+
+    fetched = _FetchedRecords(held, on_first_wait=drain)
+    consumer._getmany = fetched  # type: ignore[method-assign]
+    return consumer, fetched
+
+
 def test_a_partition_reenabled_during_a_wait_is_fetched_by_the_next_one() -> None:
     """Faust's fetch loop waits up to 1 s on the partitions active when the wait began; a partition whose
     buffer drained meanwhile waited that out with its records already fetched (the end of a backlog)."""
 
     async def go() -> None:
-        consumer = _worker_consumer()
         full, other = TP("readings", 2), TP("readings", 0)
-        consumer._set_active_tps({full, other})
-        consumer.on_buffer_full(full)
-        fetched = _FetchedRecords({full: ["r1", "r2"]}, on_first_wait=lambda: consumer.on_buffer_drop(full))
-        consumer._getmany = fetched  # type: ignore[method-assign]
+        consumer, fetched = _fetching({full, other}, {full}, {full: ["r1", "r2"]}, drain_during_first_wait=True)
         for _ in range(10):
             records, _active = await consumer._wait_next_records(1.0)
             if records:
@@ -273,17 +283,13 @@ def test_a_partition_reenabled_during_a_wait_is_fetched_by_the_next_one() -> Non
 
 def test_a_consumer_with_every_partition_left_out_sleeps_briefly_not_a_second() -> None:
     async def go() -> None:
-        consumer = _worker_consumer()
         only = TP("readings", 1)
-        consumer._set_active_tps({only})
-        consumer.on_buffer_full(only)
+        consumer, fetched = _fetching({only}, {only}, {only: ["r"]})
         slept: list[float] = []
 
         async def sleep(s: float) -> None:
             slept.append(s)
 
-        fetched = _FetchedRecords({only: ["r"]}, on_first_wait=lambda: None)
-        consumer._getmany = fetched  # type: ignore[method-assign]
         consumer.sleep = sleep  # type: ignore[method-assign,assignment]
         assert await consumer._wait_next_records(1.0) == ({}, set())
         assert slept == [REFETCH_S] and fetched.calls == 0  # nothing is fetched for a partition left out
@@ -297,11 +303,8 @@ def test_with_no_partition_left_out_the_wait_is_fausts_own() -> None:
     """An idle worker is not made to poll: only a partition left out of a wait can be re-enabled during it."""
 
     async def go() -> None:
-        consumer = _worker_consumer()
         tp = TP("readings", 3)
-        consumer._set_active_tps({tp})
-        fetched = _FetchedRecords({}, on_first_wait=lambda: None)
-        consumer._getmany = fetched  # type: ignore[method-assign]
+        consumer, fetched = _fetching({tp}, set(), {})
         assert await consumer._wait_next_records(1.0) == ({}, {tp})
         assert fetched.waited_s == 1.0
 
