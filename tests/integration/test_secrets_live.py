@@ -61,9 +61,14 @@ def test_no_secret_in_logs_env_or_cli_output(tmp_path: Path) -> None:
         stats = run_simulation(producer, s.readings_topic, sim, steps=30, end_at_now=True, malformed_every=25)
         producer.close()
         deadline = time.monotonic() + 90
-        while stack.total("iotad_readings_scored_total") < stats.readings_sent and time.monotonic() < deadline:
+        points = 0
+        # the points are written behind the scores (a write-behind buffer, retried), so wait for them too
+        while time.monotonic() < deadline:
+            if stack.total("iotad_readings_scored_total") >= stats.readings_sent:
+                points = count_points(stack.influx_url, s.influx_database, s.influx_measurement, field="threshold")
+                if points >= stats.readings_sent:
+                    break
             time.sleep(0.3)
-        points = count_points(stack.influx_url, s.influx_database, s.influx_measurement, field="threshold")
         assert stack.run_dir is not None
         run_dir = stack.run_dir
         secret_files = sorted((run_dir / "secrets").iterdir())
