@@ -75,6 +75,7 @@ def test_fleet_end_to_end(tmp_path: Path) -> None:
         producer.close()
         assert stats.malformed_sent > 10 and stats.late_sent > 3 and not stats.send_errors
         _wait_for(stack, "iotad_readings_scored_total", stats.readings_sent)
+        _wait_for(stack, "iotad_influx_latency_seconds_count", stats.readings_sent)  # points go behind the scores
         scores = _scores(read_all(stack.bootstrap, s.scores_topic, min_records=stats.readings_sent))
         dlq = read_all(stack.bootstrap, s.dlq_topic, min_records=stats.malformed_sent + stats.late_sent)
         points = count_points(stack.influx_url, s.influx_database, s.influx_measurement, field="threshold")
