@@ -44,6 +44,7 @@ from connectors.kafka_security import KafkaSecurity, security_for
 from pipeline.alerting import STORM_KEY, AlertEngine, AlertEvent, decode_score, encode_event, policy_from
 from pipeline.app import make_faust_app, write_checkpoints
 from pipeline.continuity import Hole
+from pipeline.delivery import RawSchema
 from pipeline.holes import TAIL_GRACE_S, HoleRepair, RepairedAgent
 from pipeline.lag import install_lag_monitor
 from pipeline.metrics import Metrics
@@ -285,17 +286,8 @@ def create_alerter(
     """The alerter's Faust app with both agents registered."""
     s = settings
     app = make_faust_app(s, s.alert_app_id)
-    scores = app.topic(
-        s.scores_topic,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=s.partitions,
-    )
-    alerts = app.topic(
-        s.alerts_topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw", partitions=1
-    )
+    scores = app.topic(s.scores_topic, schema=RawSchema(), partitions=s.partitions)
+    alerts = app.topic(s.alerts_topic, schema=RawSchema(), partitions=1)
     table = app.Table(ALERT_STATE_TABLE, default=None, key_type=bytes, value_type=bytes, partitions=s.partitions)
     metrics = metrics or Metrics()
     if router is None:

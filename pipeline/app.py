@@ -11,14 +11,12 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from time import monotonic
 from typing import Any, cast
 
 import faust
 from aiokafka import AIOKafkaProducer
-from faust.sensors.monitor import Monitor
 from faust.transport.drivers.aiokafka import Producer as FaustKafkaProducer
-from faust.types import TP, ConsumerT, EventT, Message, StreamT, TableT, TransportT
+from faust.types import ConsumerT, TableT, TransportT
 from mode.utils.queues import ThrowableQueue
 
 from connectors.influx import RetryingSink, make_writer
@@ -28,7 +26,7 @@ from connectors.kafka_security import register as register_security
 from models.artifact import load_artifact
 from models.detector import Detector, resolve_device, set_cpu_threads
 from models.scoring import ScoringConfig, make_threshold
-from pipeline.delivery import RefillQueue, Transport
+from pipeline.delivery import RawSchema, RefillQueue, StallMonitor, Transport
 from pipeline.metrics import Metrics
 from pipeline.processor import Processor, StateSource
 from pipeline.schema import Limits
@@ -121,30 +119,6 @@ async def write_checkpoints(app: faust.App, table: TableT, records: Mapping[byte
     await send_checkpoints(aio, table.changelog_topic.get_topic_name(), records)
 
 
-class StallMonitor(Monitor):
-    """Faust's monitor without its per-message statistics, which nothing here reads (Faust's web views
-    are off; iotad's metrics are its own): ~2.3 us less per message through the sensor hooks (3.6 -> 1.3).
-
-    Kept: the time each partition's stream last took an event, which Faust's consumer reads to log a
-    stream that stopped processing (``verify_event_path``), and what Faust writes into the monitor
-    directly, not through the hooks: committed offsets (``pipeline.lag`` reads them) and end offsets.
-    """
-
-    def on_message_in(self, tp: TP, offset: int, message: Message) -> None:
-        pass
-
-    def on_stream_event_in(self, tp: TP, offset: int, stream: StreamT, event: EventT) -> None:
-        self.stream_inbound_time[tp] = monotonic()
-
-    def on_stream_event_out(
-        self, tp: TP, offset: int, stream: StreamT, event: EventT, state: dict[str, Any] | None = None
-    ) -> None:
-        pass
-
-    def on_message_out(self, tp: TP, offset: int, message: Message) -> None:
-        pass
-
-
 class App(faust.App):
     """Faust's app with the cheaper hand-over of messages to its streams (pipeline.delivery), and a hook
     for agents that hold acknowledgements (``pipeline.cadence``); :func:`make_faust_app` gives it the
@@ -234,10 +208,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Components
     app = make_faust_app(settings, settings.app_id)
     readings = app.topic(
         settings.readings_topic,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
+        schema=RawSchema(),
         partitions=settings.partitions,
     )
     # Device checkpoints, keyed by device id. The agent writes each one to the changelog partition

@@ -25,17 +25,25 @@ backlog, and after every burst that filled the buffer (a synchronised fleet), th
 a second. When every assigned partition is left out, Faust sleeps a whole second instead of waiting;
 this consumer sleeps :data:`REFETCH_S`. With no partition left out (an idle or a paced worker) Faust's
 wait is kept, so an idle worker does not poll.
+
+Two smaller per-message costs go too (microbenchmarks, this 2-core machine): :class:`StallMonitor` keeps
+none of the per-message statistics of Faust's monitor, which nothing here reads (~2.3 us), and
+:class:`RawSchema` hands the readings' bytes to their events without the codec registry (~1.5 us).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
+from time import monotonic
 from typing import Any, cast
 
+from faust.sensors.monitor import Monitor
+from faust.serializers.schemas import Schema
 from faust.transport.consumer import RecordMap
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TP
+from faust.types import TP, AppT, EventT, Message, StreamT
+from faust.types.codecs import CodecArg
 from mode import Service
 from mode.services import WaitArgT, WaitResults
 from mode.utils.queues import ThrowableQueue
@@ -149,3 +157,56 @@ class RefillQueue(ThrowableQueue[Any]):
 
 class Transport(faust_aiokafka.Transport):
     Consumer = Consumer
+
+
+class StallMonitor(Monitor):
+    """Faust's monitor without its per-message statistics, which nothing here reads (Faust's web views
+    are off; iotad's metrics are its own): ~2.3 us less per message through the sensor hooks (3.6 -> 1.3).
+
+    Kept: the time each partition's stream last took an event, which Faust's consumer reads to log a
+    stream that stopped processing (``verify_event_path``), and what Faust writes into the monitor
+    directly, not through the hooks: committed offsets (``pipeline.lag`` reads them) and end offsets.
+    """
+
+    def on_message_in(self, tp: TP, offset: int, message: Message) -> None:
+        pass
+
+    def on_stream_event_in(self, tp: TP, offset: int, stream: StreamT, event: EventT) -> None:
+        self.stream_inbound_time[tp] = monotonic()
+
+    def on_stream_event_out(
+        self, tp: TP, offset: int, stream: StreamT, event: EventT, state: dict[str, Any] | None = None
+    ) -> None:
+        pass
+
+    def on_message_out(self, tp: TP, offset: int, message: Message) -> None:
+        pass
+
+
+class RawSchema(Schema):
+    """Keys and values handed over as the message's own bytes, without the codec registry (~1.5 us a
+    message: 3.3 -> 1.8 us to decode one into an event). What Faust's ``raw`` serializer gives for
+    ``bytes`` keys and values, the same objects (None stays None), for topics whose agents read the bytes."""
+
+    def __init__(self) -> None:
+        super().__init__(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+    def loads_key(
+        self,
+        app: AppT,
+        message: Message,
+        *,
+        loads: Callable | None = None,
+        serializer: CodecArg = None,
+    ) -> bytes | None:
+        return message.key
+
+    def loads_value(
+        self,
+        app: AppT,
+        message: Message,
+        *,
+        loads: Callable | None = None,
+        serializer: CodecArg = None,
+    ) -> bytes | None:
+        return message.value

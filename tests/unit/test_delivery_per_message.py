@@ -1,5 +1,5 @@
-"""The worker's Faust monitor (pipeline.app.StallMonitor): Faust's stall check and the lag gauge keep
-their inputs, the per-message statistics nothing reads are not kept."""
+"""The per-message savings of pipeline.delivery: the monitor (``StallMonitor``) keeps what Faust's stall check
+and the lag gauge read and no per-message statistics; ``RawSchema`` events carry the messages' own bytes."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ from time import monotonic
 from types import SimpleNamespace
 from typing import Any, cast
 
-from faust.types import TP
+import pytest
+from faust.serializers.schemas import Schema
+from faust.types import TP, EventT
+from faust.types.tuples import Message
 
-from pipeline.app import StallMonitor, make_faust_app
+from pipeline.app import make_faust_app
+from pipeline.delivery import RawSchema, StallMonitor
 from pipeline.lag import sample_lag
 from pipeline.settings import Settings
 
@@ -58,3 +62,22 @@ def test_the_lag_gauge_reads_the_offsets_faust_commits_through_the_monitor(tmp_p
     app.monitor.on_tp_commit({tp: 42})  # what Faust's Consumer.commit calls once offsets are committed
     lags = asyncio.run(sample_lag(app, {"readings"}))
     assert lags == {("readings", 1): 8}  # 50 - 42, not 50 - 10 (the position before any commit)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [(b"pump-17", b'{"v": 1}'), (b"", b""), (None, None), (b"\xff", b"\x00\xfe")]
+)
+def test_raw_schema_events_carry_what_the_raw_codec_gives(
+    tmp_path: Path, key: bytes | None, value: bytes | None
+) -> None:
+    app = make_faust_app(Settings(data_dir=tmp_path), "schema-test")
+    codec: Schema = Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    message = Message("readings", 0, 5, 0.0, 0, None, key, value, None, None, tp=TP("readings", 0))
+    by_codec, by_raw = asyncio.run(_decode(app, message, codec)), asyncio.run(_decode(app, message, RawSchema()))
+    assert (by_raw.key, by_raw.value) == (by_codec.key, by_codec.value) == (key, value)
+    assert by_raw.key is key and by_raw.value is value and by_raw.message is message
+
+
+async def _decode(app: Any, message: Message, schema: Schema) -> EventT:
+    """The event Faust's conductor makes of ``message`` for a topic with ``schema``."""
+    return await schema.compile(app)(message)
