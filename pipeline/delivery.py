@@ -34,7 +34,7 @@ none of the per-message statistics of Faust's monitor, which nothing here reads 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Coroutine, Generator
 from time import monotonic
 from typing import Any, cast
 
@@ -43,7 +43,6 @@ from faust.serializers.schemas import Schema
 from faust.transport.consumer import RecordMap
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, AppT, EventT, Message, StreamT
-from faust.types.codecs import CodecArg
 from mode import Service
 from mode.services import WaitArgT, WaitResults
 from mode.utils.queues import ThrowableQueue
@@ -191,22 +190,8 @@ class RawSchema(Schema):
     def __init__(self) -> None:
         super().__init__(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
-    def loads_key(
-        self,
-        app: AppT,
-        message: Message,
-        *,
-        loads: Callable | None = None,
-        serializer: CodecArg = None,
-    ) -> bytes | None:
+    def loads_key(self, app: AppT, message: Message, **_: Any) -> bytes | None:
         return message.key
 
-    def loads_value(
-        self,
-        app: AppT,
-        message: Message,
-        *,
-        loads: Callable | None = None,
-        serializer: CodecArg = None,
-    ) -> bytes | None:
+    def loads_value(self, app: AppT, message: Message, **_: Any) -> bytes | None:
         return message.value
