@@ -120,11 +120,12 @@ async def write_checkpoints(app: faust.App, table: TableT, records: Mapping[byte
 
 
 class App(faust.App):
-    """Faust's app with the cheaper hand-over of messages to its streams (pipeline.delivery), and a hook
-    for agents that hold acknowledgements (``pipeline.cadence``); :func:`make_faust_app` gives it the
-    :class:`StallMonitor`."""
+    """Faust's app with the cheaper hand-over of messages to its streams (pipeline.delivery: its consumer,
+    stream buffers and, unless given another, its monitor), and a hook for agents that hold
+    acknowledgements (``pipeline.cadence``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("monitor", StallMonitor())
         super().__init__(*args, **kwargs)
         # Awaited before Faust waits for every delivered message to be acknowledged (a rebalance, a stop):
         # there an agent that holds acknowledgements must release them, or the wait never ends.
@@ -149,7 +150,6 @@ def make_faust_app(settings: Settings, app_id: str) -> App:
     log.info("Kafka %s: %s", settings.kafka_bootstrap, security.describe())
     app = App(
         app_id,
-        monitor=StallMonitor(),
         broker=broker_urls(settings.kafka_bootstrap),
         # TLS / SASL from IOTAD_KAFKA_SECURITY_PROTOCOL etc. (None = PLAINTEXT)
         broker_credentials=security.faust_credentials(),
