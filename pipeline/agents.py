@@ -1,6 +1,6 @@
 """The scoring agent: a thin shell around :class:`~pipeline.processor.Processor`.
 
-Per micro-batch (``stream.take_events``): process (pure) -> dead letters to ``<prefix>.dlq`` ->
+Per micro-batch (``pipeline.delivery.take_batches``): process (pure) -> dead letters to ``<prefix>.dlq`` ->
 points queued for InfluxDB (``WriteBehindSink``: written behind the scores, retried until written; while
 ``influx_max_pending_lines`` points wait, consumption waits, which is the backpressure) -> scores to
 ``<prefix>.scores``. The devices it advanced are checkpointed to the state table once per
@@ -41,6 +41,7 @@ from pipeline import control as ctl
 from pipeline.app import Components, build_detector, fetch_version, write_checkpoints
 from pipeline.cadence import CheckpointCadence, Pending, serialise
 from pipeline.continuity import Hole
+from pipeline.delivery import take_batches
 from pipeline.groups import device_grouper
 from pipeline.holes import HoleRepair, RepairedAgent
 from pipeline.processor import BatchResult, Inbound
@@ -168,11 +169,9 @@ class ScoringService(RepairedAgent[Inbound]):
             Inbound(e.message.key, e.message.value or b"", e.message.topic, e.message.partition, e.message.offset)
             for e in events
         ]
+        # Not acknowledged by take_batches: each message stays unacknowledged until the state it advances
+        # is checkpointed (flush_checkpoints).
         messages = [e.message for e in events]
-        for message in messages:
-            # take_events acknowledges the batch when the loop asks for the next one; this reference holds
-            # each message until the state it advances is checkpointed (flush_checkpoints).
-            message.incref()
         async with self.busy:
             await self._process(*await self.holes.fill(batch), messages)
 
@@ -391,8 +390,7 @@ def register(comp: Components) -> ScoringService:
 
     @app.agent(comp.readings, name="iotad-score")
     async def score(stream: StreamT[bytes]) -> None:
-        # take_events is on the concrete Stream only (not in StreamT's interface).
-        async for events in cast(faust.Stream[bytes], stream).take_events(s.batch_max, within=s.batch_within_s):
+        async for events in take_batches(cast(faust.Stream[bytes], stream), s.batch_max, s.batch_within_s):
             await svc.handle(events)
 
     @app.task

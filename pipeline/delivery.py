@@ -34,15 +34,16 @@ none of the per-message statistics of Faust's monitor, which nothing here reads 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Generator
+from collections.abc import AsyncIterator, Coroutine, Generator
 from time import monotonic
 from typing import Any, cast
 
+import faust
 from faust.sensors.monitor import Monitor
 from faust.serializers.schemas import Schema
 from faust.transport.consumer import RecordMap
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TP, AppT, EventT, Message, StreamT
+from faust.types import TP, AppT, ChannelT, EventT, Message, StreamT
 from mode import Service
 from mode.services import WaitArgT, WaitResults
 from mode.utils.queues import ThrowableQueue
@@ -195,3 +196,76 @@ class RawSchema(Schema):
 
     def loads_value(self, app: AppT, message: Message, **_: Any) -> bytes | None:
         return message.value
+
+
+async def take_batches(stream: faust.Stream[Any], max_: int, within: float) -> AsyncIterator[list[EventT]]:
+    """Micro-batches of the events delivered to ``stream``'s channel, taken from its buffer in bulk.
+
+    What ``Stream.take_events`` yields, without its per-event machinery: there every event goes through
+    the stream's iterator (a turn of the event loop, a processor that copies it into the batch, task-local
+    ``current_event`` bookkeeping) and is acknowledged by the stream once the next batch is asked for.
+    Here a batch is whatever the buffer holds, topped up for at most ``within`` seconds after its first
+    event, up to ``max_``; each event gets what the stream's iterator gives it before it is processed:
+
+    - an event delivered before a rebalance (an older consumer generation, or while the flow is
+      suspended) is skipped and acknowledged, as the stream does (its partition is read again from the
+      committed offset);
+    - each message is tracked as unacknowledged (Faust waits for those on a rebalance or stop);
+    - each partition's stream time is stamped (Faust's log of a stalled stream reads it).
+
+    Events are *not* acknowledged here: the conductor's one reference to each message is held by the
+    caller, who acknowledges it (``message.ack``) once it has done what it must before the offset may be
+    committed.
+    """
+    app, channel = stream.app, cast(ChannelT, stream.channel)
+    queue = channel.queue
+    consumer = app.consumer
+    on_event_in = stream._on_stream_event_in
+    started = await stream.maybe_start()
+    try:
+        while not stream.should_stop:
+            events = [await queue.get()]
+            deadline = monotonic() + within
+            while len(events) < max_:
+                if not queue.empty():
+                    events.append(queue.get_nowait())
+                    continue
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    events.append(await asyncio.wait_for(queue.get(), remaining))
+                except TimeoutError:
+                    break
+            batch = _admit(app, consumer, events)
+            if batch:
+                stamped: dict[TP, EventT] = {e.message.tp: e for e in batch}
+                for tp, event in stamped.items():
+                    on_event_in(tp, event.message.offset, stream, event)
+                stream.events_total += len(batch)
+                yield batch
+    finally:
+        stream._channel_stop_iteration(channel)
+        if started:
+            await stream.stop()
+
+
+def _admit(app: AppT, consumer: Any, events: list[EventT]) -> list[EventT]:
+    """The events of the current consumer generation, tracked as unacknowledged; the others acknowledged."""
+    if not app.flow_control.is_active():
+        for event in events:
+            event.message.ack(consumer)
+        return []
+    generation = app.consumer_generation_id
+    acking = app.topics.acking_topics
+    admitted = []
+    for event in events:
+        message = event.message
+        if message.generation_id != generation:
+            message.ack(consumer)
+            continue
+        if not message.tracked and message.topic in acking:
+            message.tracked = True
+            consumer.track_message(message)
+        admitted.append(event)
+    return admitted

@@ -1,0 +1,159 @@
+"""``pipeline.delivery.take_batches``: the scoring agent's micro-batches, taken from its stream's buffer in
+bulk, with what Faust's stream iterator gives each event (skip a stale one, track, stamp) and no ack."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from time import monotonic
+from typing import Any, cast
+
+import faust
+import pytest
+from faust.types import TP, EventT
+from faust.types.tuples import ConsumerMessage
+
+from pipeline.app import App, make_faust_app
+from pipeline.delivery import RawSchema, take_batches
+from pipeline.settings import Settings
+
+TOPIC = "readings"
+
+
+class _Fixture:
+    def __init__(self, tmp_path: Path) -> None:
+        self.app: App = make_faust_app(Settings(data_dir=tmp_path), "take-batches")
+        self.topic = self.app.topic(TOPIC, schema=RawSchema())
+        self.stream = cast(faust.Stream[bytes], self.topic.stream())
+        self.queue = self.stream.channel.queue  # type: ignore[attr-defined]
+
+    async def start(self) -> None:
+        # What a worker has once it runs: the monitor among the sensors (App.on_init_dependencies), the
+        # topic subscribed (acks on) and the flow of messages on.
+        self.app.sensors.add(self.app.monitor)
+        self.app.topics.add(self.stream.channel)  # type: ignore[arg-type]
+        await self.app.topics._update_indices()  # type: ignore[attr-defined]
+        self.app.flow_control.resume()
+
+    async def deliver(self, offset: int, *, partition: int = 0, generation: int | None = None) -> ConsumerMessage:
+        """What the conductor does with a fetched message: one reference per channel, an event in the buffer."""
+        message = ConsumerMessage(
+            TOPIC,
+            partition,
+            offset,
+            0.0,
+            0,
+            None,
+            b"dev",
+            b"%d" % offset,
+            None,
+            tp=TP(TOPIC, partition),
+            generation_id=self.app.consumer_generation_id if generation is None else generation,
+        )
+        message.incref()
+        self.queue.force_put_nowait(await self.topic.decode(message))
+        return message
+
+    def batches(self, max_: int, within: float) -> AsyncIterator[list[EventT]]:
+        return take_batches(self.stream, max_, within).__aiter__()
+
+
+def _offsets(batch: list[EventT]) -> list[int]:
+    return [e.message.offset for e in batch]
+
+
+def test_the_buffer_is_taken_in_order_up_to_the_batch_size_tracked_and_not_acknowledged(tmp_path: Path) -> None:
+    asyncio.run(_in_order(tmp_path))
+
+
+async def _in_order(tmp_path: Path) -> None:
+    f = _Fixture(tmp_path)
+    await f.start()
+    messages = [await f.deliver(i, partition=i % 2) for i in range(5)]
+    batches = f.batches(3, 0.01)
+    before = monotonic()
+    first, second = await batches.__anext__(), await batches.__anext__()
+    await batches.aclose()  # type: ignore[attr-defined]
+    assert _offsets(first) == [0, 1, 2] and _offsets(second) == [3, 4]
+    assert [e.value for e in first + second] == [b"0", b"1", b"2", b"3", b"4"]
+    consumer = f.app.consumer
+    # Tracked, so that Faust's wait for acknowledgements (a rebalance, a stop) waits for them ...
+    assert set(consumer.unacked) == set(messages)
+    # ... and still held: the caller acknowledges once the state they advance is checkpointed.
+    assert not any(m.acked for m in messages) and all(m.refcount == 1 for m in messages)
+    # Faust's stalled-stream log reads each partition's last stream time.
+    for p in (0, 1):
+        assert before <= f.app.monitor.stream_inbound_time[TP(TOPIC, p)] <= monotonic()
+    for m in messages:
+        m.ack(consumer)
+    assert not consumer.unacked and sorted(consumer._acked[TP(TOPIC, 0)]) == [0, 2, 4]  # type: ignore[attr-defined]
+
+
+def test_events_from_before_a_rebalance_are_skipped_and_acknowledged(tmp_path: Path) -> None:
+    asyncio.run(_stale(tmp_path))
+
+
+async def _stale(tmp_path: Path) -> None:
+    f = _Fixture(tmp_path)
+    await f.start()
+    stale = await f.deliver(0, generation=f.app.consumer_generation_id - 1)
+    fresh = await f.deliver(1)
+    batches = f.batches(10, 0.01)
+    batch = await batches.__anext__()
+    assert _offsets(batch) == [1]
+    # As Faust's stream does with a stale event: acknowledged (its partition is read again from the
+    # committed offset), never processed, never tracked.
+    assert stale.acked and stale not in f.app.consumer.unacked
+    assert not fresh.acked and fresh in f.app.consumer.unacked
+    # With the flow suspended (a rebalance under way) everything in the buffer is stale.
+    suspended = await f.deliver(2)
+    f.app.flow_control.suspend()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(batches.__anext__(), 0.2)
+    assert suspended.acked
+    await batches.aclose()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("gap_s", "expected"), [(0.005, [[0, 1]]), (0.3, [[0], [1]])])
+def test_a_batch_waits_at_most_its_window_after_its_first_event(
+    tmp_path: Path, gap_s: float, expected: list[list[int]]
+) -> None:
+    asyncio.run(_window(tmp_path, gap_s, expected))
+
+
+async def _window(tmp_path: Path, gap_s: float, expected: list[list[int]]) -> None:
+    f = _Fixture(tmp_path)
+    await f.start()
+    batches = f.batches(10, 0.1)
+
+    async def late() -> None:
+        await f.deliver(0)
+        await asyncio.sleep(gap_s)
+        await f.deliver(1)
+
+    feeder = asyncio.ensure_future(late())
+    got = [_offsets(await batches.__anext__()) for _ in expected]
+    await feeder
+    await batches.aclose()  # type: ignore[attr-defined]
+    assert got == expected
+
+
+def test_an_error_thrown_into_the_buffer_is_raised(tmp_path: Path) -> None:
+    asyncio.run(_error(tmp_path))
+
+
+async def _error(tmp_path: Path) -> None:
+    f = _Fixture(tmp_path)
+    await f.start()
+    await f.deliver(0)
+    await f.deliver(1)
+    batches = f.batches(10, 0.05)
+    await batches.__anext__()
+    f.queue._throw(RuntimeError("delivery failed"))
+
+    async def until_error() -> Any:
+        return await batches.__anext__()
+
+    with pytest.raises(RuntimeError, match="delivery failed"):
+        await asyncio.wait_for(until_error(), 1)
