@@ -204,8 +204,9 @@ async def take_batches(stream: faust.Stream[Any], max_: int, within: float) -> A
     What ``Stream.take_events`` yields, without its per-event machinery: there every event goes through
     the stream's iterator (a turn of the event loop, a processor that copies it into the batch, task-local
     ``current_event`` bookkeeping) and is acknowledged by the stream once the next batch is asked for.
-    Here a batch is whatever the buffer holds, topped up for at most ``within`` seconds after its first
-    event, up to ``max_``; each event gets what the stream's iterator gives it before it is processed:
+    Here a batch is whatever the buffer holds, topped up until ``within`` seconds after the previous batch
+    was handed over, up to ``max_``; each event gets what the stream's iterator gives it before it is
+    processed:
 
     - an event delivered before a rebalance (an older consumer generation, or while the flow is
       suspended) is skipped and acknowledged, as the stream does (its partition is read again from the
@@ -224,8 +225,10 @@ async def take_batches(stream: faust.Stream[Any], max_: int, within: float) -> A
     started = await stream.maybe_start()
     try:
         while not stream.should_stop:
-            events = [await queue.get()]
+            # The window opens when the last batch is done, as take_events' does: after a quiet spell the
+            # first event goes at once, and each event waits at most ``within``.
             deadline = monotonic() + within
+            events = [await queue.get()]
             while len(events) < max_:
                 if not queue.empty():
                     events.append(queue.get_nowait())

@@ -116,9 +116,7 @@ async def _stale(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("gap_s", "expected"), [(0.005, [[0, 1]]), (0.3, [[0], [1]])])
-def test_a_batch_waits_at_most_its_window_after_its_first_event(
-    tmp_path: Path, gap_s: float, expected: list[list[int]]
-) -> None:
+def test_a_batch_is_topped_up_until_its_window_ends(tmp_path: Path, gap_s: float, expected: list[list[int]]) -> None:
     asyncio.run(_window(tmp_path, gap_s, expected))
 
 
@@ -137,6 +135,24 @@ async def _window(tmp_path: Path, gap_s: float, expected: list[list[int]]) -> No
     await feeder
     await batches.aclose()  # type: ignore[attr-defined]
     assert got == expected
+
+
+def test_after_a_quiet_spell_the_first_event_is_handed_over_at_once(tmp_path: Path) -> None:
+    asyncio.run(_quiet(tmp_path))
+
+
+async def _quiet(tmp_path: Path) -> None:
+    f = _Fixture(tmp_path)
+    await f.start()
+    batches = f.batches(10, 0.5)
+    waiting = asyncio.ensure_future(batches.__anext__())
+    await asyncio.sleep(0.6)  # the window of the first batch passes with nothing in the buffer
+    t0 = monotonic()
+    await f.deliver(0)
+    batch = await asyncio.wait_for(waiting, 1)
+    # Not held for another window: the stream was idle, there is nothing to wait for.
+    assert _offsets(batch) == [0] and monotonic() - t0 < 0.25
+    await batches.aclose()  # type: ignore[attr-defined]
 
 
 def test_an_error_thrown_into_the_buffer_is_raised(tmp_path: Path) -> None:
