@@ -29,6 +29,11 @@ wait is kept, so an idle worker does not poll.
 Two smaller per-message costs go too (microbenchmarks, this 2-core machine): :class:`StallMonitor` keeps
 none of the per-message statistics of Faust's monitor, which nothing here reads (~2.3 us), and
 :class:`RawSchema` hands the readings' bytes to their events without the codec registry (~1.5 us).
+
+And the scoring agent takes its micro-batches with :func:`take_batches` instead of ``Stream.take_events``:
+from the stream's buffer in bulk, with what the stream's iterator gives each event but without a turn of
+the event loop, a processor call and an acknowledgement per event. Worker CPU per single reading, medians
+of alternating drains of 100,000 readings: 81 -> 69 us at 100 devices (9 pairs), 73 -> 70 us at 10,000 (5).
 """
 
 from __future__ import annotations
