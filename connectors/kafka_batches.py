@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any, Literal
 
+import cramjam
 from aiokafka import AIOKafkaProducer
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatch
@@ -33,6 +34,23 @@ _CODECS: dict[Compression, int] = {
 Headers = list[tuple[str, bytes]]  # aiokafka's C batch builder takes a list only
 Record = tuple[bytes | None, bytes | None, Headers]
 
+# aiokafka compresses lz4 at level 9 (LZ4 HC): ~15 ms per MB of input that does not compress (random or
+# already compressed bytes, a misrouted binary blob), in the event loop's thread, for no gain; runs of
+# one byte take ~0.15 ms. So a value this large is probed first, by lz4's fast mode on a sample from its
+# middle (a few µs), and one that does not shrink goes out uncompressed.
+PROBE_MIN_BYTES = 64 * 1024
+PROBE_BYTES = 16 * 1024
+INCOMPRESSIBLE = 0.9  # compressed / sample at or above this: not worth compressing
+
+
+def compresses(value: bytes | None) -> bool:
+    """Whether ``value`` is worth compressing: small ones always, a large one if its sample shrinks."""
+    if value is None or len(value) < PROBE_MIN_BYTES:
+        return True
+    start = (len(value) - PROBE_BYTES) // 2
+    sample = memoryview(value)[start : start + PROBE_BYTES]
+    return len(cramjam.lz4.compress_block(sample, store_size=False)) < INCOMPRESSIBLE * PROBE_BYTES
+
 
 async def send_batches(
     producer: AIOKafkaProducer,
@@ -44,20 +62,29 @@ async def send_batches(
     """Queue each partition's records as record batches (a full batch is sent and a new one started);
     returns the delivery futures, to be awaited by the caller. A fresh batch takes any single record, so an
     oversized record still goes out whole (up to the producer's ``max_request_size``). ``compression``
-    overrides the producer's own for these batches (None: the producer's)."""
+    overrides the producer's own for these batches (None: the producer's); a large value that does not
+    compress (:func:`compresses`) goes in an uncompressed batch instead, in its place in the partition's
+    order."""
 
-    def new_batch() -> BatchBuilder:
-        if compression is None:
+    def new_batch(codec: Compression | None) -> BatchBuilder:
+        if codec is None:
             return producer.create_batch()
-        return BatchBuilder(RECORD_BATCH_BYTES, _CODECS[compression])
+        return BatchBuilder(RECORD_BATCH_BYTES, _CODECS[codec])
 
+    probe = compression not in (None, "none")
     futures: list[Awaitable[Any]] = []
     for partition, records in by_partition.items():
-        batch = new_batch()
+        codec = compression
+        batch = new_batch(codec)
         for key, value, headers in records:
+            want = compression if not probe or compresses(value) else "none"
+            if want != codec:  # a batch in the other codec, after the records before it
+                if batch.record_count():
+                    futures.append(await producer.send_batch(batch, topic, partition=partition))
+                codec, batch = want, new_batch(want)
             if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
                 futures.append(await producer.send_batch(batch, topic, partition=partition))
-                batch = new_batch()
+                batch = new_batch(codec)
                 batch.append(key=key, value=value, timestamp=None, headers=headers)
         futures.append(await producer.send_batch(batch, topic, partition=partition))
     return futures
