@@ -10,12 +10,12 @@ Two runs on fresh :class:`~pipeline.stack.PipelineStack` s (Tansu, InfluxDB, one
     positions: every kind of :data:`connectors.simulator.MALFORMED_KINDS` (random bytes, truncated JSON,
     wrong types, NaN/Infinity literals, huge numbers and strings, missing fields, unknown sensors, key
     mismatch, absurd timestamps, empty objects, bad device ids, and ``oversized`` messages just over
-    1 MiB, capped at ``oversized`` of them because each one crosses Tansu and the dead-letter topic at full
-    size), plus ``late_duplicate`` (an exact copy of a device's newest reading), ``late_out_of_order`` (a
-    reading for a step the device has already closed) and ``clock_skew`` (stamped 1 hour to 1 day ahead,
-    beyond ``IOTAD_MAX_FUTURE_SKEW_MS``). Each names a device of the fleet, so it must not disturb its
-    state. An unknown device id is *not* bad input here: a valid reading from a device never seen before
-    simply starts a new device.
+    1 MiB, half a padded reading and half random bytes, capped at ``oversized`` of them because each one
+    crosses Tansu and the dead-letter topic at full size), plus ``late_duplicate`` (an exact copy of a
+    device's newest reading), ``late_out_of_order`` (a reading for a step the device has already closed)
+    and ``clock_skew`` (stamped 1 hour to 1 day ahead, beyond ``IOTAD_MAX_FUTURE_SKEW_MS``). Each names a
+    device of the fleet, so it must not disturb its state. An unknown device id is *not* bad input here: a
+    valid reading from a device never seen before simply starts a new device.
 
 Readings/s = valid readings scored / time from the worker's first consumed message until every valid
 reading is scored (and, mixed, every bad message dead-lettered), from its metrics polled every 0.1 s.

@@ -648,8 +648,8 @@ def malformed(
     ``kind`` is one of :data:`MALFORMED_KINDS` (random when None). ``sensors`` is the sensor set the
     pipeline expects and ``now_ms`` its clock (default: the wall clock): apart from the fault named by
     ``kind``, the message is a valid reading of ``device_id`` at ``now_ms``. ``oversized`` values are
-    just over :data:`pipeline.schema.MAX_MESSAGE_BYTES`: a producer needs ``max_request_size`` above
-    that to send them.
+    just over :data:`pipeline.schema.MAX_MESSAGE_BYTES` (a producer needs ``max_request_size`` above
+    that to send them): half such a reading padded with a run of one byte, half random bytes.
     """
     if kind is None:
         kind = MALFORMED_KINDS[int(rng.integers(len(MALFORMED_KINDS)))]
@@ -723,9 +723,12 @@ def malformed(
             msg["ts"] = "not-a-timestamp"
         raw = msgspec.json.encode(msg)
     elif kind == "oversized":
-        body = msgspec.json.encode(msg)
-        pad = MAX_MESSAGE_BYTES - len(body) + 1 + int(rng.integers(0, 4096))
-        raw = body[:-1] + b',"pad":"' + b"a" * pad + b'"}'
+        over = 1 + int(rng.integers(0, 4096))
+        if variant % 2:  # a binary blob (a misrouted file, encrypted bytes): nothing in it compresses
+            raw = b"\xff" + rng.bytes(MAX_MESSAGE_BYTES + over - 1)
+        else:  # a reading padded past the limit with a run of one byte
+            body = msgspec.json.encode(msg)
+            raw = body[:-1] + b',"pad":"' + b"a" * (MAX_MESSAGE_BYTES - len(body) + over) + b'"}'
     elif kind == "empty_object":
         raw = b"{}"
     elif kind == "bad_device_id":

@@ -278,7 +278,8 @@ def test_expected_reasons_cover_every_kind() -> None:
 def test_every_malformed_kind_is_rejected(kind: str, sensors: tuple[str, ...]) -> None:
     limits = Limits(sensors=sensors, min_ts_ms=946_684_800_000, max_future_skew_ms=300_000)
     rng = np.random.default_rng(5)
-    for _ in range(4 if kind == "oversized" else 40):
+    padded = set()
+    for _ in range(8 if kind == "oversized" else 40):
         key, value, got_kind = malformed(rng, kind, sensors=sensors, device_id="dev-0042", now_ms=NOW_MS)
         assert got_kind == kind
         out = validate(value, key, limits, NOW_MS)
@@ -286,6 +287,8 @@ def test_every_malformed_kind_is_rejected(kind: str, sensors: tuple[str, ...]) -
         assert {r.reason for r in out if isinstance(r, Rejection)} <= _EXPECTED_REASONS[kind], (kind, out)
         if kind == "oversized":
             assert MAX_MESSAGE_BYTES < len(value) < 2 * MAX_MESSAGE_BYTES
+            padded.add(value.startswith(b"{"))  # a padded reading, or a blob of random bytes
+    assert kind != "oversized" or padded == {True, False}
 
 
 def test_malformed_random_kind_and_unknown_kind() -> None:
