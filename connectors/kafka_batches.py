@@ -37,7 +37,7 @@ Record = tuple[bytes | None, bytes | None, Headers]
 # aiokafka compresses lz4 at level 9 (LZ4 HC): ~15 ms per MB of input that does not compress (random or
 # already compressed bytes, a misrouted binary blob), in the event loop's thread, for no gain; runs of
 # one byte take ~0.15 ms. So a value this large is probed first, by lz4's fast mode on a sample from its
-# middle (a few µs), and one that does not shrink goes out uncompressed.
+# middle (a few µs), and a record whose value or key does not shrink goes out uncompressed.
 PROBE_MIN_BYTES = 64 * 1024
 PROBE_BYTES = 16 * 1024
 INCOMPRESSIBLE = 0.9  # compressed / sample at or above this: not worth compressing
@@ -62,9 +62,9 @@ async def send_batches(
     """Queue each partition's records as record batches (a full batch is sent and a new one started);
     returns the delivery futures, to be awaited by the caller. A fresh batch takes any single record, so an
     oversized record still goes out whole (up to the producer's ``max_request_size``). ``compression``
-    overrides the producer's own for these batches (None: the producer's); a large value that does not
-    compress (:func:`compresses`) goes in an uncompressed batch instead, in its place in the partition's
-    order."""
+    overrides the producer's own for these batches (None: the producer's); a record with a large value or
+    key that does not compress (:func:`compresses`) goes in an uncompressed batch instead, in its place in
+    the partition's order."""
 
     def new_batch(codec: Compression | None) -> BatchBuilder:
         if codec is None:
@@ -77,7 +77,7 @@ async def send_batches(
         codec = compression
         batch = new_batch(codec)
         for key, value, headers in records:
-            want = compression if not probe or compresses(value) else "none"
+            want = compression if not probe or (compresses(value) and compresses(key)) else "none"
             if want != codec:  # a batch in the other codec, after the records before it
                 if batch.record_count():
                     futures.append(await producer.send_batch(batch, topic, partition=partition))

@@ -80,13 +80,14 @@ def test_checkpoints_end_with_the_marker_and_faust_apps_use_the_batch_size(
 def test_batches_in_their_own_compression_arrive_intact(
     tansu: Tansu, unique_name: Callable[[str], str], compression: Compression
 ) -> None:
-    """The dead letters' case: a huge repetitive payload and key, a large one of random bytes, binary bytes,
-    headers, no key."""
+    """The dead letters' case: a huge repetitive payload and key, a large key and a large value of random
+    bytes, binary bytes, headers, no key."""
     topic = unique_name(f"codec-{compression}")
     create_topics(tansu.bootstrap, {topic: 2})
     noise = random.Random(7).randbytes(300_000)
     records: list[Record] = [
         (b"k" * 100_000, b"x" * 1_000_000, [("iotad-reason", b"oversized")]),
+        (noise[:100_000], b"{}", [("iotad-reason", b"bad_device_id")]),
         (b"d0", noise, [("iotad-reason", b"bad_json")]),
         (None, bytes(range(256)), []),
         (b"d1", b"{}", [("iotad-reason", b"bad_schema"), ("iotad-error", b"\xff")]),
@@ -106,7 +107,7 @@ def test_batches_in_their_own_compression_arrive_intact(
         producer.send_batch = keep
         try:
             await asyncio.gather(
-                *await send_batches(producer, topic, {0: records, 1: records[2:]}, compression=compression)
+                *await send_batches(producer, topic, {0: records, 1: records[3:]}, compression=compression)
             )
         finally:
             await producer.stop()
@@ -119,8 +120,8 @@ def test_batches_in_their_own_compression_arrive_intact(
     else:  # the random bytes go uncompressed, in a batch of their own between the others
         assert codecs == [codec, 0, codec, codec]
         assert len(built[0]) < 50_000  # 1.1 MB of records
-        assert len(built[1]) > len(noise)
-    got = read_all(tansu.bootstrap, topic, min_records=6)
+        assert len(built[1]) > len(noise) + 100_000
+    got = read_all(tansu.bootstrap, topic, min_records=7)
     assert [(r.partition, r.key, r.value, list(r.headers.items())) for r in got] == [
-        (p, k, v, h) for p, rs in ((0, records), (1, records[2:])) for k, v, h in rs
+        (p, k, v, h) for p, rs in ((0, records), (1, records[3:])) for k, v, h in rs
     ]
