@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     dlq_compression: Compression = Field(
         "lz4",
         description="Record-batch compression of the dead-letter topic (bad input can be huge and repetitive; "
-        "a large value that does not compress goes uncompressed)",
+        "a large value or key that does not compress goes uncompressed)",
     )
     kafka_fetch_max_wait_ms: int = Field(
         20, ge=1, description="Longest the broker may hold a worker's fetch when no data is waiting"
