@@ -44,7 +44,7 @@ from connectors.kafka_security import KafkaSecurity, security_for
 from pipeline.alerting import STORM_KEY, AlertEngine, AlertEvent, decode_score, encode_event, policy_from
 from pipeline.app import make_faust_app, write_checkpoints
 from pipeline.continuity import Hole
-from pipeline.delivery import RawSchema
+from pipeline.delivery import RawSchema, acknowledge, take_batches
 from pipeline.holes import TAIL_GRACE_S, HoleRepair, RepairedAgent
 from pipeline.lag import install_lag_monitor
 from pipeline.metrics import Metrics
@@ -310,15 +310,20 @@ def register(comp: AlerterComponents) -> None:
     lifecycle = comp.lifecycle = LifecycleService(comp, scores_holes)
     delivery = comp.delivery = DeliveryService(comp, alerts_holes)
 
+    # Batches as the scoring worker takes them (pipeline.delivery), each acknowledged once handled, i.e.
+    # once its outputs are flushed: Faust's take_events acknowledges the events it skips in a rebalance,
+    # and its commit timer, which goes on during the rebalance, then committed them unprocessed.
     @app.agent(comp.scores, name="iotad-alert-lifecycle")
     async def lifecycle_agent(stream: StreamT[bytes]) -> None:
-        async for events in cast(faust.Stream[bytes], stream).take_events(s.batch_max, within=s.batch_within_s):
+        async for events in take_batches(cast(faust.Stream[bytes], stream), s.batch_max, s.batch_within_s):
             await lifecycle.handle(events)
+            acknowledge(app, events)
 
     @app.agent(comp.alerts, name="iotad-alert-deliver")
     async def deliver_agent(stream: StreamT[bytes]) -> None:
-        async for events in cast(faust.Stream[bytes], stream).take_events(100, within=s.batch_within_s):
+        async for events in take_batches(cast(faust.Stream[bytes], stream), 100, s.batch_within_s):
             await delivery.handle(events)
+            acknowledge(app, events)
 
     @app.timer(interval=TAIL_CHECK_S)
     async def sweep_tails() -> None:

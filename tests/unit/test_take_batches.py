@@ -1,5 +1,6 @@
 """``pipeline.delivery.take_batches``: the scoring agent's micro-batches, taken from its stream's buffer in
-bulk, with what Faust's stream iterator gives each event (skip a stale one, track, stamp) and no ack."""
+bulk, with what Faust's stream iterator gives each event (skip a stale one, track, stamp) and no ack, not
+even of a skipped one."""
 
 from __future__ import annotations
 
@@ -90,28 +91,33 @@ async def _in_order(tmp_path: Path) -> None:
     assert not consumer.unacked and sorted(consumer._acked[TP(TOPIC, 0)]) == [0, 2, 4]  # type: ignore[attr-defined]
 
 
-def test_events_from_before_a_rebalance_are_skipped_and_acknowledged(tmp_path: Path) -> None:
+def test_events_from_before_a_rebalance_are_skipped_and_not_acknowledged(tmp_path: Path) -> None:
     asyncio.run(_stale(tmp_path))
 
 
 async def _stale(tmp_path: Path) -> None:
     f = _Fixture(tmp_path)
     await f.start()
+    consumer, tp = f.app.consumer, TP(TOPIC, 0)
     stale = await f.deliver(0, generation=f.app.consumer_generation_id - 1)
     fresh = await f.deliver(1)
     batches = f.batches(10, 0.01)
     batch = await batches.__anext__()
     assert _offsets(batch) == [1]
-    # As Faust's stream does with a stale event: acknowledged (its partition is read again from the
-    # committed offset), never processed, never tracked.
-    assert stale.acked and stale not in f.app.consumer.unacked
-    assert not fresh.acked and fresh in f.app.consumer.unacked
-    # With the flow suspended (a rebalance under way) everything in the buffer is stale.
-    suspended = await f.deliver(2)
+    # Never processed, never tracked, and unlike Faust's stream does, never acknowledged: its partition
+    # is read again from the committed offset, which an acknowledgement would let pass it.
+    assert not stale.acked and stale not in consumer.unacked
+    assert not fresh.acked and fresh in consumer.unacked
+    fresh.ack(consumer)
+    assert sorted(consumer._acked[tp]) == [1]  # type: ignore[attr-defined]
+    # With the flow suspended (a rebalance under way) everything in the buffer is stale. Faust's commit
+    # timer goes on meanwhile: an event acknowledged here was committed unprocessed (session 22's loss).
+    suspended = [await f.deliver(2), await f.deliver(3, partition=1)]
     f.app.flow_control.suspend()
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(batches.__anext__(), 0.2)
-    assert suspended.acked
+    assert not any(m.acked for m in suspended)
+    assert sorted(consumer._acked[tp]) == [1] and not consumer._acked[TP(TOPIC, 1)]  # type: ignore[attr-defined]
     await batches.aclose()  # type: ignore[attr-defined]
 
 
@@ -173,3 +179,20 @@ async def _error(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="delivery failed"):
         await asyncio.wait_for(until_error(), 1)
+
+
+def test_a_stopping_agent_ends_the_batches_quietly(tmp_path: Path) -> None:
+    asyncio.run(_stop(tmp_path))
+
+
+async def _stop(tmp_path: Path) -> None:
+    f = _Fixture(tmp_path)
+    await f.start()
+    batches = f.batches(10, 0.01)
+    pending = asyncio.ensure_future(batches.__anext__())
+    await asyncio.sleep(0.05)
+    f.stream.channel._throw(StopAsyncIteration())  # type: ignore[attr-defined]  # what faust's Actor.cancel does
+    # The end of the iteration, not the RuntimeError an async generator makes of a StopAsyncIteration
+    # raised inside it (a graceful stop logged the agent as crashed).
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(pending, 2.0)
