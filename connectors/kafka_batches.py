@@ -53,8 +53,9 @@ def compresses(value: bytes | None) -> bool:
 
 
 # lz4's fast mode, as librdkafka compresses by default. aiokafka uses level 9 (LZ4 HC), which costs ~32 ms
-# per MB of small JSON dead letters and ~1 ms per MB of padding on this machine, against ~2 and ~0.3 ms in
-# the fast mode, for compressed sizes of 0.28 instead of 0.36 of the dead letters. Same frame format.
+# per MB of small JSON dead letters and ~1 ms per MB of the bad-input benchmark's huge strings on this
+# machine, against ~2 and ~0.26 ms in the fast mode, for compressed sizes of 0.28 instead of 0.36 of the
+# small dead letters. Same frame format.
 LZ4_FAST_LEVEL = 0
 _HEADER = DefaultRecordBase.HEADER_STRUCT.size
 _AFTER_LENGTH = DefaultRecordBase.AFTER_LEN_OFFSET  # the batch length counts the bytes after its own field
